@@ -7,6 +7,7 @@ softmax over v normalises, independently per sub-pixel. Continuous data uses the
 p(x | z_0) = N(z_0 / alpha_0, (sigma_0 / alpha_0)^2), sigma_0 / alpha_0 = exp(gamma_0 / 2).
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -22,6 +23,7 @@ def encode(x, vocab_size: int | None):
 
 def log_probs(z_0, gamma_0, vocab_size: int):
     """Per-sub-pixel log p(x = v | z_0) for every v: shape z_0.shape + (vocab_size,)."""
+    chex.assert_type(z_0, float)
     g0 = _bcast(gamma_0, z_0)
     alpha_0, _ = alpha_sigma(g0)
     z_scaled = z_0 / alpha_0
@@ -43,6 +45,7 @@ def reconstruction_loss(x, z_0, gamma_0, vocab_size: int | None):
     Returns:
       [B] negative log-likelihoods.
     """
+    chex.assert_equal_shape([x, z_0])
     axes = tuple(range(1, z_0.ndim))
     if vocab_size is None:
         g0 = _bcast(gamma_0, z_0)

@@ -10,6 +10,7 @@ the velocity v = alpha eps - sigma x, or the score grad log q(z_t) = -eps / sigm
 and gamma_t each is an exact affine function of any other; `to_eps`/`from_eps` convert.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -19,7 +20,11 @@ PARAMETERIZATIONS = ("eps", "x", "v", "score")
 def _bcast(g, like):
     """Broadcasts per-example gamma [B] against a batch [B, ...]."""
     g = jnp.asarray(g)
-    return g.reshape(g.shape + (1,) * (jnp.ndim(like) - g.ndim))
+    g = g.reshape(g.shape + (1,) * (jnp.ndim(like) - g.ndim))
+    # A [B] gamma against a batch of another size would otherwise broadcast silently when
+    # one of them is 1, or fail later with a less helpful message.
+    chex.assert_is_broadcastable(g.shape, jnp.shape(like))
+    return g
 
 
 def alpha_sigma(gamma):
@@ -29,6 +34,7 @@ def alpha_sigma(gamma):
 
 def q_sample(x, gamma, eps):
     """Draws z ~ q(z_t | x) given the noise: alpha x + sigma eps (gamma per example)."""
+    chex.assert_equal_shape([x, eps])
     alpha, sigma = alpha_sigma(_bcast(gamma, x))
     return alpha * x + sigma * eps
 
@@ -54,6 +60,7 @@ def posterior(x, z_t, gamma_s, gamma_t):
     Returns:
       (mean, variance), variance broadcastable against mean.
     """
+    chex.assert_equal_shape([x, z_t])
     gs, gt = _bcast(gamma_s, z_t), _bcast(gamma_t, z_t)
     c = -jnp.expm1(gs - gt)
     alpha_s, sigma_s = alpha_sigma(gs)
@@ -67,6 +74,7 @@ def posterior_from_eps(eps_hat, z_t, gamma_s, gamma_t):
 
     mean = (alpha_s / alpha_t) (z_t - sigma_t c eps_hat), variance = sigma_s^2 c.
     """
+    chex.assert_equal_shape([eps_hat, z_t])
     gs, gt = _bcast(gamma_s, z_t), _bcast(gamma_t, z_t)
     c = -jnp.expm1(gs - gt)
     alpha_s, sigma_s = alpha_sigma(gs)
@@ -76,6 +84,7 @@ def posterior_from_eps(eps_hat, z_t, gamma_s, gamma_t):
 
 def to_eps(pred, z, gamma, parameterization: str):
     """Converts a prediction of kind `parameterization` into the implied eps prediction."""
+    chex.assert_equal_shape([pred, z])
     alpha, sigma = alpha_sigma(_bcast(gamma, z))
     if parameterization == "eps":
         return pred
@@ -91,6 +100,7 @@ def to_eps(pred, z, gamma, parameterization: str):
 
 def from_eps(eps, z, gamma, parameterization: str):
     """Converts an eps prediction into the `parameterization` one (inverse of `to_eps`)."""
+    chex.assert_equal_shape([eps, z])
     alpha, sigma = alpha_sigma(_bcast(gamma, z))
     if parameterization == "eps":
         return eps

@@ -17,6 +17,7 @@ invariant to the shape) minimises the variance of the diffusion-loss estimator.
 
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -91,7 +92,7 @@ def loss_terms(
       loss_type: elbo|simple|weighted: what `train` holds.
       weighting: key of WEIGHTINGS for loss_type=weighted.
       schedule_grad: elbo|variance (see module docstring).
-      t: optional fixed times [B] (overrides sampling; for evaluation and tests).
+      t: optional fixed times [B] or a scalar (overrides sampling; for evaluation and tests).
 
     Returns:
       Dict of [B] arrays: diffusion, prior, recon, total (nats), bpd, train (the per-example
@@ -111,7 +112,8 @@ def loss_terms(
     g0, g1 = endpoints(schedule, schedule_params)
     if t is None:
         t = sample_times(k_t, n, antithetic)
-    t = jnp.asarray(t, x_enc.dtype)
+    # A scalar t means the same time for every example; any other shape must be [B].
+    t = jnp.broadcast_to(jnp.asarray(t, x_enc.dtype), (n,))
     if timesteps:
         # Grid times 1/T .. 1; s is the previous grid point.
         t = jnp.maximum(jnp.ceil(t * timesteps), 1.0) / timesteps
@@ -120,6 +122,8 @@ def loss_terms(
     def eps_error(gamma_t):
         z_t = diffusion.q_sample(x_enc, gamma_t, eps)
         pred = denoise_fn(z_t, gamma_t, cond)
+        # A prediction of the wrong shape would broadcast inside the squared error silently.
+        chex.assert_equal_shape([pred, z_t])
         return _sum_sq(eps, diffusion.to_eps(pred, z_t, gamma_t, parameterization))
 
     def diffusion_loss(gamma_t, slope):
@@ -170,6 +174,7 @@ def loss_terms(
     l_prior = prior_loss(x_enc, g1)
     total = l_diff + l_prior + l_recon
     train = train_diff if loss_type == "simple" else train_diff + l_prior + l_recon
+    chex.assert_shape([l_diff, l_prior, l_recon, train], (n,))
     return {
         "diffusion": l_diff,
         "prior": l_prior,

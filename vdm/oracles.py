@@ -12,6 +12,7 @@ eps prediction; cond may be {'label': [B] int} for the mixture (the null label, 
 number of components, means unconditional).
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -28,6 +29,7 @@ def gaussian_eps(mean, cov):
 
     def denoise(z, gamma, cond=None):
         del cond
+        chex.assert_rank(z, 2)
         alpha, sigma = alpha_sigma(jnp.broadcast_to(gamma, z.shape[:1])[:, None])
         resid = z - alpha * mean
         if cov.ndim == 1:
@@ -68,6 +70,7 @@ def mixture_eps(weights, means, covs):
     k = log_w.shape[0]
 
     def denoise(z, gamma, cond=None):
+        chex.assert_rank(z, 2)
         alpha, sigma = alpha_sigma(jnp.broadcast_to(gamma, z.shape[:1])[:, None, None])
         var = alpha**2 * covs[None] + sigma**2  # [B, K, D]
         resid = z[:, None, :] - alpha * means[None]

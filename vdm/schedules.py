@@ -15,6 +15,7 @@ Five schedules, each with endpoints gamma(0) = gamma_min, gamma(1) = gamma_max a
   ddpm            DDPM's linear-beta schedule (log alpha^2 quadratic in t), likewise rescaled
 """
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -49,7 +50,9 @@ def fixed_linear(gamma_min: float = -13.3, gamma_max: float = 5.0) -> Schedule:
 
     def gamma(params, t):
         del params
-        return gamma_min + (gamma_max - gamma_min) * t
+        # Interpolating from both ends returns gamma_min, gamma_max exactly at t = 0, 1; the
+        # form gamma_min + (gamma_max - gamma_min) t misses gamma_max by 2 ulps in float32.
+        return gamma_min * (1.0 - t) + gamma_max * t
 
     return Schedule("fixed_linear", lambda key: {}, gamma)
 
@@ -109,8 +112,15 @@ def learned_net(
     def gamma(params, t):
         if not pin_endpoints:
             return raw(params, t)
+        t = jnp.asarray(t)
         f0, f1 = raw(params, 0.0), raw(params, 1.0)
-        return gamma_min + (gamma_max - gamma_min) * (raw(params, t) - f0) / (f1 - f0)
+        frac = (raw(params, t) - f0) / (f1 - f0)
+        # A batched raw(t) reduces over the features in another order than the scalar f0, f1,
+        # so frac at t = 0 or 1 can be off by a few ulps (seen under jit). Snap the value
+        # there; stop_gradient keeps frac's own derivatives (in t and in params).
+        snap = jnp.where(t == 0.0, -frac, jnp.where(t == 1.0, 1.0 - frac, 0.0))
+        frac = frac + jax.lax.stop_gradient(snap)
+        return gamma_min * (1.0 - frac) + gamma_max * frac
 
     return Schedule("learned_net", init, gamma)
 
@@ -121,8 +131,10 @@ def cosine(gamma_min: float = -13.3, gamma_max: float = 5.0) -> Schedule:
     alpha^2 = cos^2(pi u / 2) gives SNR = cot^2(pi u / 2); u's range is solved so the
     endpoints are exactly gamma_min and gamma_max.
     """
-    u0 = 2.0 / jnp.pi * jnp.arctan(jnp.exp(gamma_min / 2.0))
-    u1 = 2.0 / jnp.pi * jnp.arctan(jnp.exp(gamma_max / 2.0))
+    # Python floats (double precision, weakly typed) rather than float32 arrays, so the
+    # endpoints are exact to the precision of whatever dtype t has (float64 included).
+    u0 = 2.0 / math.pi * math.atan(math.exp(gamma_min / 2.0))
+    u1 = 2.0 / math.pi * math.atan(math.exp(gamma_max / 2.0))
 
     def gamma(params, t):
         del params
@@ -138,8 +150,13 @@ def ddpm(gamma_min: float = -13.3, gamma_max: float = 5.0, beta_min: float = 0.1
     Then gamma = log(expm1(-log alpha^2)). The offset c and beta_1 are solved so that the
     endpoints equal gamma_min and gamma_max (softplus inverts log expm1).
     """
-    c = jax.nn.softplus(gamma_min)
-    beta_1 = 2.0 * (jax.nn.softplus(gamma_max) - c) - beta_min
+
+    # Solved in double precision for the same reason as in `cosine`.
+    def softplus(g):
+        return math.log1p(math.exp(-abs(g))) + max(g, 0.0)
+
+    c = softplus(gamma_min)
+    beta_1 = 2.0 * (softplus(gamma_max) - c) - beta_min
 
     def gamma(params, t):
         del params

@@ -12,6 +12,7 @@ h_i influences only L_i (examples are independent: no batch norm), rescaling its
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -31,7 +32,11 @@ def variance_gradient(fn, h, *args):
       The per-example losses L, [B].
     """
     converted, consts = jax.closure_convert(fn, h, *args)
-    return _rewired(converted, h, args, tuple(consts))
+    loss = _rewired(converted, h, args, tuple(consts))
+    # The rescaling is exact only if L is per-example and h_i feeds only L_i.
+    chex.assert_rank(loss, 1)
+    chex.assert_tree_shape_prefix(h, loss.shape)
+    return loss
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -1,0 +1,135 @@
+"""Every sampler and likelihood gives the same numbers with the batch on 1 and on 4 devices.
+
+One subprocess (XLA_FLAGS must be set before jax is imported, and paying jax's start-up once)
+forces 4 host CPU devices and runs each function twice from the same key: with the batch
+sharded over a 1-device mesh and over a 4-device ('data',) mesh. It prints one JSON line of
+{check: [max abs difference, extra facts]} for this process to assert on.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHILD = r"""
+import json
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from vdm import guidance, likelihood, losses, oracles, samplers, schedules
+
+assert jax.device_count() == 4, jax.devices()
+shardings = [
+    NamedSharding(jax.make_mesh((n,), ("data",), devices=jax.devices()[:n]), P("data"))
+    for n in (1, 4)
+]
+sched = schedules.learned_linear(-13.3, 5.0)
+params = {"w": jnp.asarray(17.0), "b": jnp.asarray(-12.0)}  # a learned schedule's values
+weights, means = np.array([0.4, 0.6]), np.array([[-0.6, 0.0, 0.2], [0.6, 0.3, -0.1]])
+covs = np.full((2, 3), 0.3)
+mix = oracles.mixture_eps(weights, means, covs)
+B, key = 16, jax.random.key(0)
+labels = jnp.arange(B) % 2
+results = {}
+
+
+def compare(name, fn):
+    outs = []
+    for s in shardings:
+        with jax.set_mesh(s.mesh):  # Explicit mesh axes (make_mesh's default) need it
+            outs.append(fn(s))
+    flat = [jax.tree.leaves(o) for o in outs]
+    diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+               for a, b in zip(*flat))
+    lead = flat[1][0]
+    devices = len(lead.sharding.device_set) if hasattr(lead, "sharding") else 0
+    results[name] = [diff, devices]
+    return outs
+
+
+SAMPLERS = [
+    ("ancestral", {}), ("ddpm", {}), ("ddim", {"eta": 0.5}), ("sde", {}),
+    ("pc", {"predictor": "sde"}), ("langevin", {"steps_each": 2}),
+    ("ode", {"solver": "heun"}), ("ode", {"solver": "tsit5", "rtol": 1e-4, "atol": 1e-4}),
+]
+for name, opts in SAMPLERS:
+    compare(f"{name}{opts.get('solver', '')}", lambda s: samplers.sample_z0(
+        name, mix, sched, params, key, (B, 3), steps=6, batch_sharding=s, **opts))
+
+def guided(s):
+    cond = {"label": jax.device_put(labels, s)}
+    return samplers.sample("ddim", mix, sched, params, key, (B, 3), vocab_size=None, steps=6,
+                           cond=cond, guidance=3.0, num_classes=2, batch_sharding=s)
+compare("cfg", guided)
+
+clf = guidance.mixture_classifier(weights, means, covs)
+base = lambda z, g, c: mix(z, g, None)
+cg = guidance.classifier_guided(base, clf, scale=2.0)
+compare("classifier_guidance", lambda s: samplers.sample(
+    "ancestral", cg, sched, params, key, (B, 3), vocab_size=16, steps=6,
+    cond={"label": jax.device_put(labels, s)}, guidance=1.0, batch_sharding=s))
+
+# Adaptive PF-ODE likelihood: one step sequence for the whole batch, the same on 1 and 4.
+z0 = jax.random.normal(jax.random.key(1), (B, 3)) * jnp.linspace(0.2, 3.0, B)[:, None]
+def nll(s, z=z0):
+    return likelihood.ode_log_prob(mix, sched, params, jax.device_put(z, s), jax.random.key(2),
+                                   trace="hutchinson", num_probes=2, rtol=1e-5, atol=1e-5,
+                                   batch_sharding=s)
+outs = compare("ode_log_prob", nll)
+steps = [int(o["num_steps"]) for o in outs]
+# What separate per-device solves would have done: each quarter on its own.
+with jax.set_mesh(shardings[0].mesh):
+    quarters = [int(nll(shardings[0], z0[i * 4:(i + 1) * 4])["num_steps"]) for i in range(4)]
+results["adaptive_steps"] = [steps, quarters]
+
+x = jnp.asarray(np.random.default_rng(3).integers(0, 16, (B, 3)), jnp.int32)
+compare("ode_nll_decoder", lambda s: likelihood.ode_nll(
+    mix, sched, params, jax.device_put(x, s), jax.random.key(4), vocab_size=16,
+    trace="exact", batch_sharding=s, rtol=1e-4, atol=1e-4)["nll"])
+
+terms = jax.jit(lambda b, k: losses.loss_terms(mix, sched, params, b["x"], k, vocab_size=16))
+def elbo(s):
+    batches = [{"x": jax.device_put(x[i * 8:(i + 1) * 8], s),
+                "mask": jax.device_put(jnp.ones(8), s)} for i in range(2)]
+    out = likelihood.evaluate_elbo(terms, batches, key=jax.random.key(5), num_draws=2)
+    return [jnp.asarray(out["bpd"]), jnp.asarray(out["bpd_stderr"])]
+compare("evaluate_elbo", elbo)
+print("RESULTS " + json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
+    return json.loads(line[len("RESULTS ") :])
+
+
+SAMPLED = ["ancestral", "ddpm", "ddim", "sde", "pc", "langevin", "odeheun", "odetsit5", "cfg"]
+
+
+@pytest.mark.parametrize("name", SAMPLED + ["ode_log_prob", "ode_nll_decoder"])
+def test_same_numbers_on_1_and_4_devices(results, name):
+    diff, devices = results[name]
+    assert diff < 1e-5, f"{name}: max |1-device - 4-device| = {diff}"
+    assert devices == 4, f"{name} did not run sharded over 4 devices"
+
+
+def test_discrete_samples_and_elbo_identical(results):
+    assert results["classifier_guidance"][0] == 0.0  # decoded integers
+    assert results["evaluate_elbo"][0] < 1e-5
+
+
+def test_adaptive_solve_takes_one_global_step_sequence(results):
+    (one_device, four_devices), quarters = results["adaptive_steps"]
+    assert one_device == four_devices
+    # Per-device solves would disagree about the steps, so the norm really is global.
+    assert len(set(quarters)) > 1

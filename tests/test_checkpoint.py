@@ -1,0 +1,141 @@
+"""Tests of checkpointing: retention, corruption fallback, kill/preempt-and-resume, resharding.
+
+The resume tests compare metrics.jsonl losses of interrupted runs with an uninterrupted run of
+the same config, bit for bit (CPU, same device count) or to float tolerance (other count).
+"""
+
+import os
+import signal
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import train_helpers as th
+
+from vdm.checkpoint import CheckpointError, Checkpoints
+
+NUM_STEPS = 300
+RUN = dict(
+    train__num_steps=NUM_STEPS,
+    train__ckpt_every=20,
+    train__eval_every=10_000,
+    train__write_samples=False,
+)
+
+
+def _target(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _largest_file(directory: Path) -> Path:
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+# Orbax abandons the other reads of a failed restore; their coroutines complain when collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_retention_donation_and_corruption_fallback(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep=2)
+    bump = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+    noise = np.random.default_rng(0).normal(size=(50_000,)).astype(np.float32)
+    state = {"w": jnp.asarray(noise), "n": jnp.zeros((), jnp.int32)}
+    snapshots = {}
+    for step in range(1, 9):
+        state = bump(state)  # donation right after an async save must not corrupt it
+        if step % 2 == 0:
+            snapshots[step] = jax.tree.map(np.array, state)
+            bpd = 0.5 if step == 4 else 10.0 - step  # step 4 is the best
+            ckpts.save(step, state, {"wall_time": float(step)}, {"eval/bpd": bpd})
+    ckpts.wait()
+    assert ckpts.all_steps() == [4, 6, 8]  # latest two plus the best by eval/bpd
+    for step in (4, 6, 8):
+        restored, meta, _ = ckpts.restore(_target(state), step=step)
+        assert meta["step"] == step
+        jax.tree.map(
+            np.testing.assert_array_equal, jax.tree.map(np.array, restored), snapshots[step]
+        )
+
+    # A truncated data file in the latest checkpoint: fall back to the previous one and move
+    # the bad one aside so a new save at that step works.
+    with open(_largest_file(tmp_path / "checkpoints" / "8" / "state"), "r+b") as f:
+        f.truncate(f.seek(0, os.SEEK_END) // 2)
+    restored, _, step = ckpts.restore(_target(state))
+    assert step == 6 and ckpts.all_steps() == [4, 6]
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints.corrupt").iterdir()] == ["8"]
+    ckpts.save(8, state, {"wall_time": 8.0})
+    ckpts.close()
+
+    # Every checkpoint unreadable: a clear error, nothing moved, never a silent fresh start.
+    for step in (4, 6, 8):
+        _largest_file(tmp_path / "checkpoints" / str(step) / "state").write_bytes(b"")
+    ckpts = Checkpoints(tmp_path, keep=2)
+    with pytest.raises(CheckpointError, match="Refusing to start from scratch"):
+        ckpts.restore(_target(state))
+    assert ckpts.all_steps() == [4, 6, 8]
+    ckpts.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted single-device run: its workdir."""
+    workdir = tmp_path_factory.mktemp("reference")
+    th.run_main(workdir, *th.overrides(**RUN))
+    return workdir
+
+
+def _last_logged_step(workdir) -> int:
+    try:
+        return max(th.train_losses(workdir), default=0)
+    except (FileNotFoundError, ValueError):
+        return 0  # not written yet, or a line half-written
+
+
+def test_sigkill_and_sigterm_resume_bit_for_bit(tmp_path, reference):
+    flags = th.overrides(**RUN)
+    # 1. SIGKILL as soon as the first checkpoint is on disk.
+    proc = th.spawn_main(tmp_path, *flags, log=tmp_path / "run1.log")
+    th.wait_for(lambda: th.checkpoint_steps(tmp_path), timeout=240, proc=proc, interval=0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (tmp_path / "DONE").exists() and _last_logged_step(tmp_path) < NUM_STEPS
+    killed_at = _last_logged_step(tmp_path)
+
+    # 2. Relaunch; SIGTERM (preemption) a few steps after it resumed: checkpoint and exit 0.
+    proc = th.spawn_main(tmp_path, *flags, log=tmp_path / "run2.log")
+    resumed_from = th.checkpoint_steps(tmp_path)[-1]
+    th.wait_for(
+        lambda: (
+            _last_logged_step(tmp_path) > resumed_from + 3
+            and _last_logged_step(tmp_path) != killed_at
+        ),
+        timeout=240,
+        proc=proc,
+    )
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, (tmp_path / "run2.log").read_text()[-3000:]
+    assert not (tmp_path / "DONE").exists()
+    preempted_at = _last_logged_step(tmp_path)
+    assert preempted_at < NUM_STEPS and th.checkpoint_steps(tmp_path)[-1] == preempted_at
+
+    # 3. Relaunch to the end: the same losses as the uninterrupted run, bit for bit.
+    th.run_main(tmp_path, *flags)
+    assert (tmp_path / "DONE").exists()
+    expected = th.train_losses(reference)
+    assert sorted(expected) == list(range(1, NUM_STEPS + 1))
+    assert th.train_losses(tmp_path) == expected
+    final = [r for r in th.read_metrics(tmp_path) if "eval/bpd" in r]
+    reference_final = [r for r in th.read_metrics(reference) if "eval/bpd" in r]
+    assert final[-1]["eval/bpd"] == reference_final[-1]["eval/bpd"]
+
+
+def test_restore_single_device_checkpoint_on_four_devices(tmp_path, reference):
+    # Train 10 steps on one device, then continue to 20 on 4 devices with sharded parameters.
+    th.run_main(tmp_path, *th.overrides(**dict(RUN, train__num_steps=10, train__ckpt_every=5)))
+    assert th.checkpoint_steps(tmp_path)[-1] == 10
+    th.run_main(tmp_path, *th.overrides(**dict(RUN, train__num_steps=20, train__fsdp=2)), devices=4)
+    losses, expected = th.train_losses(tmp_path), th.train_losses(reference)
+    assert sorted(losses) == list(range(1, 21))
+    for step in range(1, 21):
+        np.testing.assert_allclose(losses[step], expected[step], rtol=2e-5, err_msg=str(step))

@@ -1,0 +1,62 @@
+"""Data parallelism: 1 vs 4 simulated CPU devices, and two processes joined by
+jax.distributed on localhost (gloo collectives), all matching one single-device run."""
+
+import numpy as np
+import pytest
+import train_helpers as th
+
+STEPS = 6
+RUN = dict(
+    train__num_steps=STEPS,
+    train__ckpt_every=STEPS,
+    train__eval_every=STEPS,
+    train__write_samples=False,
+)
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("one_device")
+    th.run_main(workdir, *th.overrides(**RUN))
+    return workdir
+
+
+def _assert_same_run(workdir, reference, rtol=2e-5):
+    losses, expected = th.train_losses(workdir), th.train_losses(reference)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in expected:
+        np.testing.assert_allclose(losses[step], expected[step], rtol=rtol, err_msg=str(step))
+    bpd = [r["eval/bpd"] for r in th.read_metrics(workdir) if "eval/bpd" in r]
+    ref_bpd = [r["eval/bpd"] for r in th.read_metrics(reference) if "eval/bpd" in r]
+    np.testing.assert_allclose(bpd, ref_bpd, rtol=rtol)
+
+
+def test_four_devices_match_one(tmp_path, single_device):
+    th.run_main(tmp_path, *th.overrides(**RUN), devices=4)
+    _assert_same_run(tmp_path, single_device)
+
+
+def test_two_processes_match_one(tmp_path, single_device):
+    port = th.free_port()
+    procs = [
+        th.spawn_main(
+            tmp_path,
+            *th.overrides(**RUN),
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            log=tmp_path / f"proc{i}.log",
+        )
+        for i in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = "\n".join((tmp_path / f"proc{i}.log").read_text()[-3000:] for i in range(2))
+    assert codes == [0, 0], logs
+    assert "Starting at step 0 on 2 devices / 2 processes" in logs
+    _assert_same_run(tmp_path, single_device)
+    assert th.checkpoint_steps(tmp_path) == [STEPS]

@@ -1,0 +1,178 @@
+"""Tests of the training system: optimiser pieces, the guarded train step, the CLI end to end.
+
+In-process tests run on the pytest process's single CPU device; `vdm.main` runs go through
+subprocesses exactly as a user would launch them.
+"""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import train_helpers as th
+
+from vdm import optim, outputs, sharding
+from vdm.checkpoint import Checkpoints
+from vdm.experiment import Experiment
+
+
+def test_weight_decay_mask_spares_biases_norms_and_schedule():
+    params = {
+        "model": {
+            "dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
+            "norm": {"scale": jnp.ones((4,)), "bias": jnp.ones((4,))},
+            "conv": {"kernel": jnp.ones((3, 3, 2, 4))},
+            "embed": {"embedding": jnp.ones((11, 4))},
+        },
+        "schedule": {"w": jnp.ones(()), "l2_w": jnp.ones((8,))},
+    }
+    mask = optim.weight_decay_mask(params)
+    assert mask["model"]["dense"] == {"kernel": True, "bias": False}
+    assert mask["model"]["norm"] == {"scale": False, "bias": False}
+    assert mask["model"]["conv"]["kernel"] and mask["model"]["embed"]["embedding"]
+    assert not any(jax.tree.leaves(mask["schedule"]))
+
+
+def test_warmup_and_ema_decay():
+    config = th.load_config(optim__warmup_steps=4, optim__learning_rate=1.0)
+    lr = optim.learning_rate_schedule(config.optim)
+    np.testing.assert_allclose([lr(i) for i in range(6)], [0, 0.25, 0.5, 0.75, 1, 1])
+    assert float(optim.ema_decay(0, 0.999, True)) == pytest.approx(0.1)
+    assert float(optim.ema_decay(10**6, 0.999, True)) == pytest.approx(0.999)
+    assert float(optim.ema_decay(0, 0.999, False)) == pytest.approx(0.999)
+
+
+def _tiny_setup(**extra):
+    from vdm import train
+
+    config = th.load_config(**extra)
+    exp = Experiment.build(config)
+    optimizer = optim.make_optimizer(config.optim)
+    _, shardings = train.state_shardings(exp, optimizer)
+    state = jax.jit(lambda: train.create_state(exp, optimizer), out_shardings=shardings)()
+    batches = train.batch_iterator(exp, 0)
+    return config, exp, optimizer, state, batches
+
+
+def test_train_step_refuses_non_finite_update():
+    from vdm import train
+
+    _, exp, optimizer, state, batches = _tiny_setup()
+    step = jax.jit(train.make_train_step(exp, optimizer, fail_at_step=2))
+    key = exp.root_key(1)
+    batch = sharding.global_batch(next(batches), exp.mesh)
+    state1, metrics = step(state, batch, key)
+    assert int(state1.nonfinite_step) == -1 and np.isfinite(float(metrics["train/loss"]))
+    state2, metrics = step(state1, sharding.global_batch(next(batches), exp.mesh), key)
+    assert np.isnan(float(metrics["train/loss"]))
+    assert int(state2.step) == 2 and int(state2.nonfinite_step) == 2
+    # The refused update left every parameter, moment and average as it was.
+    same = jax.tree.map(
+        lambda a, b: bool(jnp.array_equal(a, b)),
+        (state1.params, state1.opt_state, state1.ema_params),
+        (state2.params, state2.opt_state, state2.ema_params),
+    )
+    assert all(jax.tree.leaves(same))
+
+
+def test_steps_per_call_and_accumulation_run_the_same_objective():
+    from vdm import train
+
+    _, exp, optimizer, state, batches = _tiny_setup()
+    local = [next(batches) for _ in range(2)]
+    key = exp.root_key(1)
+    one = jax.jit(train.make_train_step(exp, optimizer))
+    s1, m1 = one(state, sharding.global_batch(local[0], exp.mesh), key)
+    s1, m2 = one(s1, sharding.global_batch(local[1], exp.mesh), key)
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *local)
+    two = jax.jit(train.make_multi_step(train.make_train_step(exp, optimizer), 2))
+    s2, msum = two(state, sharding.global_batch(stacked, exp.mesh, stacked=True), key)
+    np.testing.assert_allclose(msum["train/loss"], m1["train/loss"] + m2["train/loss"], rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s1.params, s2.params
+    )
+    # Two micro-batches: one update, finite, step advanced once.
+    _, exp2, opt2, state2, batches2 = _tiny_setup(optim__accum_steps=2)
+    acc = jax.jit(train.make_train_step(exp2, opt2))
+    s3, m3 = acc(state2, sharding.global_batch(next(batches2), exp2.mesh), key)
+    assert int(s3.step) == 1 and np.isfinite(float(m3["train/loss"]))
+
+
+def test_nan_stops_training_and_last_checkpoint_stays_valid(tmp_path):
+    from vdm import train
+
+    config = th.load_config(train__num_steps=8, train__ckpt_every=2, train__eval_every=100)
+    with pytest.raises(train.NonFiniteError, match=r"step 5.*checkpoints/4 \(step 4\)"):
+        train.train_and_evaluate(config, str(tmp_path), tensorboard=False, fail_at_step=5)
+    assert th.checkpoint_steps(tmp_path) == [2, 4]
+    assert not (tmp_path / "DONE").exists()
+    exp = Experiment.build(config)
+    target, _ = train.state_shardings(exp, optim.make_optimizer(config.optim))
+    ckpts = Checkpoints(tmp_path)
+    state, meta, step = ckpts.restore(target)
+    ckpts.close()
+    assert step == 4 and int(state.step) == 4 and int(state.nonfinite_step) == -1
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params))
+
+
+def test_sigterm_sets_preemption_flag():
+    from vdm import train
+
+    flag = train.PreemptionFlag()
+    try:
+        assert not flag.requested(sync=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.requested(sync=False)
+    finally:
+        flag.restore()
+
+
+def test_end_to_end_train_eval_sample(tmp_path):
+    """Two steps through vdm.main, then --mode=eval and --mode=sample on its checkpoint."""
+    flags = th.overrides(train__num_steps=2, train__ckpt_every=1, train__eval_every=2)
+    proc = th.run_main(tmp_path, *flags)
+    assert "Test bits/dim" in proc.stdout and str(tmp_path / "DONE") in proc.stdout
+    records = th.read_metrics(tmp_path)
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+    final = [r for r in records if "eval/bpd" in r][-1]
+    assert final["step"] == 2 and np.isfinite(final["eval/bpd"])
+    for key in (
+        "eval/bpd_stderr",
+        "eval/diffusion_bpd",
+        "eval/prior_bpd",
+        "eval/recon_bpd",
+        "eval/gamma_0",
+        "eval/gamma_1",
+    ):
+        assert key in final
+    assert all(isinstance(r["wall_time"], float) for r in records)
+    assert json.loads((tmp_path / "DONE").read_text())["step"] == 2
+    for name in ("samples.png", "schedule.png", "config.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert th.checkpoint_steps(tmp_path) == [1, 2]
+
+    th.run_main(tmp_path, *flags, mode="eval")
+    evaluated = json.loads((tmp_path / "eval_2.json").read_text())
+    assert evaluated["eval/bpd"] == pytest.approx(final["eval/bpd"], rel=1e-6)
+
+    th.run_main(tmp_path, *flags, "--config.sample.num=5", mode="sample")
+    samples = np.load(tmp_path / "samples_2_ancestral_4.npy")
+    assert samples.shape == (5, 2) and np.isfinite(samples).all()
+
+
+def test_misspelt_override_fails_naming_the_key(tmp_path):
+    proc = th.run_main(tmp_path, "--config.optim.learning_rat=0.1", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "learning_rat" in proc.stderr
+
+
+def test_image_grid_and_schedule_plot(tmp_path):
+    samples = np.random.default_rng(0).integers(0, 17, size=(10, 8, 8, 1))
+    grid = outputs.save_samples(tmp_path / "grid.png", samples, vocab_size=17)
+    assert grid.dtype == np.uint8 and grid.max() <= 255 and (tmp_path / "grid.png").exists()
+    t = np.linspace(0, 1, 5)
+    outputs.save_schedule_plot(tmp_path / "s.png", t, -13.3 + 18.3 * t)
+    assert (tmp_path / "s.png").stat().st_size > 0

@@ -1,0 +1,171 @@
+"""Shared helpers for the training-system tests: a tiny config and vdm.main subprocesses.
+
+The tiny setup is a 2-d Gaussian with a one-block MLP, so a subprocess compiles and trains in
+a few seconds; every key is a schema key set through --config overrides, as a user would.
+"""
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = os.environ.get("VDM_TEST_CONFIG_DEV") or str(REPO / "configs" / "digits.py")  # DEV-ONLY
+
+JAX_CACHE = os.path.join(tempfile.gettempdir(), "vdm-tests-jax-cache")
+
+# Overrides turning the default config into a seconds-long run. The learning rate is high and
+# the EMA short so that a wrongly restored optimiser or EMA state shows up in the losses.
+TINY = {
+    "data.name": "gaussian",
+    "data.dim": 2,
+    "data.num_eval": 96,
+    "data.batch_size": 8,
+    "data.eval_batch_size": 32,
+    "model.type": "mlp",
+    "model.n_embd": 64,
+    "model.n_layers": 1,
+    "model.dropout": 0.1,
+    "model.num_classes": 0,
+    "model.cond_aug": False,
+    "model.scan": False,
+    "schedule.type": "learned_linear",
+    "loss.type": "elbo",
+    "optim.learning_rate": 1e-3,
+    "optim.warmup_steps": 3,
+    "optim.ema_rate": 0.9,
+    "optim.ema_warmup": True,
+    "optim.accum_steps": 1,
+    "train.log_every": 1,
+    "train.steps_per_call": 1,
+    "train.fsdp": 1,
+    "eval.max_examples": -1,
+    "sample.sampler": "ancestral",
+    "sample.steps": 4,
+    "sample.num": 8,
+    "sample.guidance": 0.0,
+}
+
+
+def overrides(**extra) -> list[str]:
+    """--config flags for TINY updated with `extra` (keys with '__' for '.')."""
+    values = dict(TINY)
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def env_for(devices: int = 1) -> dict:
+    """Environment of a subprocess with `devices` simulated CPU devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    # Subprocesses of one test compile the same programs; the persistent cache shares them
+    # (a cached executable is the same executable, so bitwise comparisons are unaffected).
+    env["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    return env
+
+
+def main_cmd(workdir, *flags, mode: str = "train") -> list[str]:
+    """The `python -m vdm.main` command line."""
+    return [
+        sys.executable,
+        "-m",
+        "vdm.main",
+        f"--config={CONFIG}",
+        f"--workdir={workdir}",
+        f"--mode={mode}",
+        "--tensorboard=false",
+        *flags,
+    ]
+
+
+def run_main(
+    workdir, *flags, mode: str = "train", devices: int = 1, timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Runs vdm.main to completion; raises with its output when `check` and it fails."""
+    proc = subprocess.run(
+        main_cmd(workdir, *flags, mode=mode),
+        cwd=REPO,
+        env=env_for(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vdm.main failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def spawn_main(workdir, *flags, devices: int = 1, env=None, log=None) -> subprocess.Popen:
+    """Starts vdm.main in the background (output to `log`, a path, or discarded)."""
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with process
+    return subprocess.Popen(
+        main_cmd(workdir, *flags),
+        cwd=REPO,
+        env=env or env_for(devices),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def read_metrics(workdir) -> list[dict]:
+    """The records of workdir/metrics.jsonl."""
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_losses(workdir) -> dict[int, float]:
+    """step -> train/loss from metrics.jsonl (asserting no step is logged twice)."""
+    records = [r for r in read_metrics(workdir) if "train/loss" in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {sorted(steps)}"
+    return {r["step"]: r["train/loss"] for r in records}
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    """Finalised checkpoint steps on disk (orbax renames a step dir only when complete)."""
+    path = Path(workdir) / "checkpoints"
+    if not path.exists():
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+
+
+def wait_for(predicate, timeout: float, proc=None, interval: float = 0.02) -> None:
+    """Polls `predicate` until true; fails early if `proc` exits first."""
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before the condition")
+        if time.time() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """An unused localhost TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_config(**extra):
+    """The tiny config in-process (CONFIG's get_config() with TINY and `extra` applied)."""
+    spec = importlib.util.spec_from_file_location("vdm_test_config", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    values = dict(TINY)
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    for dotted, value in values.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    return config

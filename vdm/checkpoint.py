@@ -1,0 +1,192 @@
+"""Checkpoints with orbax's CheckpointManager: async saves, retention, verified restore.
+
+Layout: `<workdir>/checkpoints/<step>/{state,meta}`; `state` is the train state pytree
+(StandardSave, so it restores onto any mesh/device count), `meta` a small JSON record (step,
+elapsed wall time, the config). Retention keeps the latest K steps plus the one with the lowest
+eval bits/dim. Orbax writes each step to a temporary directory and renames it when complete, so
+a kill mid-save leaves no half checkpoint among the finalised ones (temporaries are cleaned at
+start-up).
+
+Restoring verifies what it reads (the step recorded inside matches the directory, every array
+is finite). A checkpoint that fails to restore is moved aside to `<workdir>/checkpoints.corrupt`
+and the previous one is used; if none restores, `CheckpointError` is raised. A run never starts
+from scratch while a checkpoint directory holds steps.
+"""
+
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as cm
+
+BEST_METRIC = "eval/bpd"
+
+
+def _metric(metrics) -> float:
+    # Saves without an eval carry {} and rank last.
+    return float(metrics.get(BEST_METRIC, float("inf")))
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint could be restored, or a checkpoint failed verification."""
+
+
+def _all_finite(tree) -> bool:
+    leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, np.inexact)]
+    if not leaves:
+        return True
+    flags = jax.jit(
+        lambda xs: jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in xs]))
+    )(leaves)
+    return bool(flags)
+
+
+class Checkpoints:
+    """The run's checkpoint directory.
+
+    Args:
+      workdir: run directory; checkpoints live in `workdir/checkpoints`.
+      keep: how many of the latest checkpoints to keep (the best by eval bits/dim is kept too).
+      async_save: write in a background thread (the device-to-host copy still blocks).
+    """
+
+    def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        self.corrupt_directory = epath.Path(workdir) / "checkpoints.corrupt"
+        policy = cm.AnyPreservationPolicy(
+            [
+                cm.LatestN(max(1, int(keep))),
+                cm.BestN(
+                    get_metric_fn=_metric,
+                    reverse=True,  # sorted high to low, the last (kept) one is the lowest
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy,
+            best_fn=_metric,  # makes orbax store each step's metrics (read back on restart)
+            best_mode="min",
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._mngr = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    def all_steps(self) -> list[int]:
+        """Finalised checkpoint steps, ascending."""
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest finalised step, or None."""
+        return self._mngr.latest_step()
+
+    def path(self, step: int) -> str:
+        """Directory of the checkpoint at `step`."""
+        return str(self.directory / str(step))
+
+    def save(self, step: int, state, meta: Mapping, metrics: Mapping | None = None) -> None:
+        """Starts saving `state` at `step` (returns once the arrays are copied off-device).
+
+        Args:
+          step: the train step the state has reached.
+          state: the train state pytree; must be finite (the caller checks).
+          meta: JSON-serialisable record stored beside it.
+          metrics: eval metrics (with 'eval/bpd') for keep-best retention, or None.
+        """
+        if step in self._mngr.all_steps():
+            return  # already saved (e.g. final step equals a periodic save)
+        best = {}
+        if metrics and BEST_METRIC in metrics:
+            best = {BEST_METRIC: float(metrics[BEST_METRIC])}
+        self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(dict(meta, step=int(step))),
+            ),
+            metrics=best,
+            force=True,
+        )
+
+    def _restore_step(self, step: int, target):
+        restored = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
+        state, meta = restored["state"], dict(restored["meta"])
+        if int(meta.get("step", -1)) != step:
+            raise CheckpointError(f"metadata records step {meta.get('step')}, not {step}")
+        if not _all_finite(state):
+            raise CheckpointError("it holds non-finite values")
+        return state, meta
+
+    def restore(self, target, step: int | None = None):
+        """Restores the newest checkpoint that verifies, onto the shardings in `target`.
+
+        Args:
+          target: pytree of ShapeDtypeStruct with shardings (see sharding.with_shardings).
+          step: restore exactly this step (no fallback); None = latest with fallback.
+
+        Returns:
+          (state, meta, step), or None when the directory holds no checkpoint.
+
+        Raises:
+          CheckpointError: checkpoints exist but none restores.
+        """
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"No checkpoint for step {step} in {self.directory}.")
+            steps = [step]
+        if not steps:
+            return None
+        failures = []
+        for s in reversed(steps):
+            try:
+                state, meta = self._restore_step(s, target)
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
+                logging.error("Checkpoint %s failed to restore: %r", self.path(s), e)
+                failures.append((s, e))
+                continue
+            if failures:
+                self._quarantine([f for f, _ in failures])
+            logging.info("Restored checkpoint %s.", self.path(s))
+            return state, meta, s
+        detail = "; ".join(f"step {s}: {type(e).__name__}: {e}" for s, e in failures)
+        raise CheckpointError(
+            f"No checkpoint in {self.directory} could be restored ({detail}). Refusing to start "
+            "from scratch: move the directory away to do that deliberately."
+        )
+
+    def _quarantine(self, steps) -> None:
+        """Moves unreadable checkpoints aside so new saves at those steps do not collide."""
+        if jax.process_index() == 0:
+            self.corrupt_directory.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for s in steps:
+                dest = self.corrupt_directory / f"{s}-{stamp}"
+                (self.directory / str(s)).rename(dest)
+                logging.warning("Moved unreadable checkpoint %s to %s.", self.path(s), dest)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("vdm_checkpoint_quarantine")
+        self._mngr.reload()
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
+        self._mngr.wait_until_finished()
+        self._mngr.close()

@@ -1,0 +1,63 @@
+"""Command line: train, evaluate or sample a VDM.
+
+  python -m vdm.main --config=configs/digits.py --workdir=runs/digits
+  python -m vdm.main --config=configs/cifar10.py --workdir=DIR --config.optim.learning_rate=1e-4
+  python -m vdm.main --config=configs/digits.py --workdir=runs/digits --mode=eval
+
+Configs are locked: overriding a key that does not exist fails while parsing flags. Several
+processes (hosts) join through --coordinator_address/--num_processes/--process_id (or the
+VDM_COORDINATOR_ADDRESS / VDM_NUM_PROCESSES / VDM_PROCESS_ID environment variables).
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file[:variant].", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, outputs).")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+flags.DEFINE_bool("tensorboard", True, "Also write TensorBoard summaries (needs tensorboard).")
+flags.DEFINE_string(
+    "coordinator_address",
+    os.environ.get("VDM_COORDINATOR_ADDRESS"),
+    "host:port of process 0, for multi-process runs.",
+)
+flags.DEFINE_integer(
+    "num_processes",
+    int(os.environ.get("VDM_NUM_PROCESSES", "1")),
+    "Number of processes in a multi-process run.",
+)
+flags.DEFINE_integer(
+    "process_id",
+    int(os.environ.get("VDM_PROCESS_ID", "0")),
+    "This process's index in a multi-process run.",
+)
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from vdm import logging_utils, sharding  # no JAX backend may start before distributed init
+
+    logging_utils.quiet_library_logs()
+    sharding.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
+    from vdm import modes, train
+
+    config = FLAGS.config
+    if FLAGS.mode == "train":
+        train.train_and_evaluate(config, FLAGS.workdir, tensorboard=FLAGS.tensorboard)
+    elif FLAGS.mode == "eval":
+        modes.evaluate_checkpoint(config, FLAGS.workdir)
+    else:
+        modes.sample_checkpoint(config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

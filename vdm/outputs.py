@@ -1,0 +1,154 @@
+"""Pictures a run leaves behind: a grid of samples and a plot of the learned noise schedule.
+
+Image data (rank-3 examples, H x W x C) becomes a PNG grid; vector data (e.g. 2-D toy sets)
+becomes a scatter plot of the first two coordinates. The schedule plot shows log SNR(t) =
+-gamma(t) on t in [0, 1], the quantity the VDM paper learns.
+"""
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on training machines
+
+import jax  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vdm import logging_utils  # noqa: E402
+
+
+def to_uint8(samples, vocab_size: int | None) -> np.ndarray:
+    """Maps samples to 0..255: integer values by their vocabulary, continuous from [-1, 1]."""
+    x = np.asarray(samples)
+    if vocab_size is not None:
+        scaled = x.astype(np.float64) * 255.0 / max(vocab_size - 1, 1)
+    else:
+        scaled = (x.astype(np.float64) + 1.0) * 127.5
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, *, pad: int = 1, upscale: int = 1) -> np.ndarray:
+    """Tiles [N, H, W, C] uint8 images into one near-square [H', W', C] grid.
+
+    Args:
+      images: uint8 images, C in {1, 3}.
+      pad: pixels of black border between tiles.
+      upscale: nearest-neighbour magnification (tiny images such as 8x8 digits).
+
+    Returns:
+      The grid image.
+    """
+    n, h, w, c = images.shape
+    if upscale > 1:
+        images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
+        h, w = h * upscale, w * upscale
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + k * (w + pad)
+        grid[top : top + h, left : left + w] = images[i]
+    return grid
+
+
+def save_samples(path, samples, vocab_size: int | None) -> np.ndarray | None:
+    """Writes a sample picture: a PNG grid for images, a scatter plot for vectors.
+
+    Args:
+      path: output .png path.
+      samples: [N, H, W, C] images (or [N, H, W]) or [N, D] vectors.
+      vocab_size: vocabulary of integer samples, None for continuous data.
+
+    Returns:
+      The grid as an [H, W, C] uint8 array for images (to log), None for scatter plots.
+    """
+    x = np.asarray(samples)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim == 4:
+        images = to_uint8(x, vocab_size)
+        upscale = max(1, 128 // max(images.shape[1], 1))
+        grid = image_grid(images, upscale=min(upscale, 8))
+        Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+        return grid
+    pts = x.reshape(x.shape[0], -1)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if pts.shape[1] >= 2:
+        ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=0.6)
+    else:
+        ax.hist(pts[:, 0], bins=50)
+    ax.set_title(f"{x.shape[0]} samples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return None
+
+
+def save_schedule_plot(path, t, gamma, *, title: str = "learned noise schedule") -> None:
+    """Plots log SNR(t) = -gamma(t).
+
+    Args:
+      path: output .png path.
+      t: times in [0, 1].
+      gamma: gamma(t) at those times.
+      title: plot title.
+    """
+    t, gamma = np.asarray(t), np.asarray(gamma)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(t, -gamma)
+    ax.set_xlabel("t")
+    ax.set_ylabel("log SNR(t) = -gamma(t)")
+    ax.set_title(f"{title}: gamma(0)={gamma[0]:.2f}, gamma(1)={gamma[-1]:.2f}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_final(exp, params, workdir, step: int, logger, metrics: dict) -> dict:
+    """End-of-training outputs: sample grid, schedule plot, DONE; prints where they are.
+
+    Args:
+      exp: the Experiment.
+      params: the parameters to sample from (EMA normally).
+      workdir: run directory.
+      step: the final step.
+      logger: the run's MetricLogger (for wall time and TensorBoard images).
+      metrics: the final eval metrics, to print.
+
+    Returns:
+      Dict of output name -> path.
+    """
+    workdir = str(workdir)
+    paths = {
+        "metrics": f"{workdir}/{logging_utils.METRICS_FILE}",
+        "checkpoints": f"{workdir}/checkpoints",
+    }
+    if exp.config.train.write_samples:
+        samples = exp.sample(params)
+        if jax.process_index() == 0:
+            paths["samples"] = f"{workdir}/samples.png"
+            grid = save_samples(paths["samples"], samples, exp.info.vocab_size)
+            np.save(f"{workdir}/samples.npy", samples)
+            if grid is not None:
+                logger.write_image(step, "samples", grid)
+    if jax.process_index() == 0:
+        paths["schedule"] = f"{workdir}/schedule.png"
+        t, gamma = exp.schedule_curve(params)
+        save_schedule_plot(paths["schedule"], t, gamma)
+    logging_utils.write_done(workdir, step, logger.wall_time())
+    if jax.process_index() == 0:
+        paths["done"] = f"{workdir}/{logging_utils.DONE_FILE}"
+        print(f"Training finished at step {step} in {logger.wall_time():.1f}s.")
+        if "eval/bpd" in metrics:
+            print(
+                f"Test bits/dim (EMA): {metrics['eval/bpd']:.4f} "
+                f"+- {metrics.get('eval/bpd_stderr', float('nan')):.4f}"
+            )
+        print("Outputs:")
+        for name, path in paths.items():
+            print(f"  {name:12s} {path}")
+    return paths

@@ -29,7 +29,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.dim = 2  # dimension for the gaussian dataset
     c.data.num_train = 50_000  # size of synthetic datasets
     c.data.num_eval = 10_000
-    c.data.prefetch = 2
+    c.data.prefetch = 2  # batches the TFDS pipeline prepares ahead
+    c.data.shuffle_buffer = 50_000  # TFDS per-epoch shuffle buffer (examples)
 
     # Score network: see vdm/nets.
     c.model = ml_collections.ConfigDict()

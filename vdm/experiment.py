@@ -43,6 +43,12 @@ class Experiment:
     def build(cls, config) -> "Experiment":
         """Builds the experiment for `config` on all visible devices."""
         info = data.get_info(config.data)
+        if config.model.num_classes > 0 and config.model.num_classes != info.num_classes:
+            raise ValueError(
+                f"model.num_classes={config.model.num_classes} but data.name="
+                f"{config.data.name!r} has {info.num_classes} classes (0: unlabelled); set "
+                f"model.num_classes to {info.num_classes} or 0."
+            )
         model = nets.build_model(
             config.model,
             gamma_min=config.schedule.gamma_min,
@@ -188,7 +194,20 @@ class Experiment:
                 out[f"eval/{name}"] = float(np.asarray(value))
         g0, g1 = self.endpoints(params)
         out["eval/gamma_0"], out["eval/gamma_1"] = float(g0), float(g1)
+        if self.info.log_prob is not None:
+            out["eval/true_bpd"] = self.true_bpd(max_examples)
+            out["eval/bpd_gap"] = out["eval/bpd"] - out["eval/true_bpd"]
         return out
+
+    def true_bpd(self, max_examples: int | None = None) -> float:
+        """The data distribution's own NLL of the eval split in bits/dim (known densities)."""
+        cap = self.config.eval.max_examples if max_examples is None else max_examples
+        x = [
+            b["x"][b["mask"] > 0]
+            for b in data.eval_batches(self.config.data, batch_size=1024, max_examples=cap)
+        ]
+        nll = -self.info.log_prob(np.concatenate(x))
+        return float(np.mean(nll) / (self.num_dims * np.log(2.0)))
 
     def sample(self, params, *, num: int | None = None, key=None) -> np.ndarray:
         """Draws samples with config.sample's sampler, steps and guidance.

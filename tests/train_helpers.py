@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = os.environ.get("VDM_TEST_CONFIG_DEV") or str(REPO / "configs" / "digits.py")  # DEV-ONLY
+CONFIG = str(REPO / "configs" / "digits.py")
 
 JAX_CACHE = os.path.join(tempfile.gettempdir(), "vdm-tests-jax-cache")
 

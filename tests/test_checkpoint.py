@@ -139,3 +139,17 @@ def test_restore_single_device_checkpoint_on_four_devices(tmp_path, reference):
     assert sorted(losses) == list(range(1, 21))
     for step in range(1, 21):
         np.testing.assert_allclose(losses[step], expected[step], rtol=2e-5, err_msg=str(step))
+
+
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
+    # `--workdir=runs/x` as in the README: orbax itself accepts only absolute paths.
+    monkeypatch.chdir(tmp_path)
+    ckpts = Checkpoints("runs/relative", keep=1)
+    state = {"w": jnp.arange(4.0)}
+    ckpts.save(3, state, {"wall_time": 1.0})
+    ckpts.wait()
+    restored, meta, step = ckpts.restore(_target(state))
+    ckpts.close()
+    assert step == 3 and meta["step"] == 3
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
+    assert (tmp_path / "runs" / "relative" / "checkpoints" / "3").is_dir()

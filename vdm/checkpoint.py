@@ -13,6 +13,7 @@ and the previous one is used; if none restores, `CheckpointError` is raised. A r
 from scratch while a checkpoint directory holds steps.
 """
 
+import os
 import time
 from collections.abc import Mapping
 
@@ -56,8 +57,11 @@ class Checkpoints:
     """
 
     def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
-        self.directory = epath.Path(workdir) / "checkpoints"
-        self.corrupt_directory = epath.Path(workdir) / "checkpoints.corrupt"
+        workdir = epath.Path(workdir)
+        if not workdir.is_absolute():  # orbax rejects relative paths (e.g. --workdir=runs/x)
+            workdir = epath.Path(os.path.abspath(workdir))
+        self.directory = workdir / "checkpoints"
+        self.corrupt_directory = workdir / "checkpoints.corrupt"
         policy = cm.AnyPreservationPolicy(
             [
                 cm.LatestN(max(1, int(keep))),

@@ -1,6 +1,6 @@
-"""Every config file builds, is locked (a misspelt key fails, naming it; tests/test_train.py
-checks the same through `vdm.main`'s flag parser), and matches the published values it
-claims."""
+"""Every config file builds, is locked (a misspelt key fails, naming it, both on the config
+object and through the same config_flags parser `vdm.main` uses), documents its launch
+command, and matches the published values it claims."""
 
 import importlib.util
 from pathlib import Path
@@ -8,6 +8,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from vdm import data, nets
 
@@ -27,11 +29,30 @@ VARIANTS = [
 ]
 
 
-def load(name, arg=None):
+def load_module(name):
     spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
+
+
+def load(name, arg=None):
+    return load_module(name).get_config(arg)
+
+
+def parse_flags(*args):
+    """Parses command-line flags as vdm.main does, in this process, with fresh FlagValues.
+
+    sys_argv is passed because config_flags otherwise reads the override flags from the
+    process's own sys.argv (pytest's here).
+    """
+    argv = ["vdm.main", *args]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
+    flag_values(argv)
+    return flag_values.config
 
 
 def param_count(config) -> int:
@@ -62,6 +83,35 @@ def test_config_builds_locked_and_consistent(name, arg):
     assert param_count(config) > 0  # the network builds for the data's shape
 
 
+def test_docstring_gives_the_launch_command():
+    for name, arg in VARIANTS:
+        doc = load_module(name).__doc__
+        assert f"python -m vdm.main --config=configs/{name}.py" in doc, name
+        if arg is not None:
+            assert f"configs/{name}.py:{arg}" in doc, (name, arg)
+
+
+def test_flag_overrides_parse_and_misspelt_keys_fail(monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)  # relative config paths, as on the command line
+    c = parse_flags(
+        "--config=configs/toy.py:mixture2d",
+        "--config.optim.learning_rate=0.5",
+        "--config.model.channel_mult=(1, 2)",
+        "--config.train.write_samples=False",
+    )
+    assert c.is_locked and c.data.name == "mixture2d"
+    assert (c.optim.learning_rate, c.model.channel_mult, c.train.write_samples) == (
+        0.5, (1, 2), False
+    )  # fmt: skip
+    with pytest.raises(AttributeError, match="learning_rat"):
+        parse_flags("--config=configs/digits.py", "--config.optim.learning_rat=1")
+    # A missing top-level group surfaces as KeyError, a missing leaf as AttributeError.
+    with pytest.raises(KeyError, match="optimizer"):
+        parse_flags("--config=configs/cifar10.py", "--config.optimizer.b1=0.5")
+    with pytest.raises(flags.IllegalFlagValueError, match="Unknown cifar10 variant"):
+        parse_flags("--config=configs/cifar10.py:smal")
+
+
 def test_unknown_variant_is_rejected():
     with pytest.raises(ValueError, match="Unknown cifar10 variant"):
         load("cifar10", "smal")
@@ -80,6 +130,28 @@ def test_cifar10_matches_the_paper():
     assert (o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay) == (2e-4, 0.9, 0.99, 1e-8, 0.01)
     assert (o.warmup_steps, o.ema_rate, o.grad_clip) == (100, 0.9999, 0.0)
     assert c.train.num_steps == 10_000_000
+
+
+def test_other_published_configs():
+    aug = load("cifar10_aug")
+    assert (aug.model.n_embd, aug.model.n_layers, aug.model.dropout) == (256, 32, 0.05)
+    assert aug.schedule.type == "learned_net" and aug.data.batch_size == 768
+    assert aug.optim.learning_rate == 1e-4
+    assert aug.data.augment and aug.model.cond_aug  # the flag is fed to the network
+    for name, shape in (("imagenet32", (256, 32)), ("imagenet64", (256, 64))):
+        c = load(name)
+        assert (c.model.type, c.model.n_embd, c.model.n_layers) == ("vdm_unet", *shape)
+        assert c.schedule.type == "learned_linear" and c.data.batch_size == 128
+        assert (c.schedule.gamma_min, c.schedule.gamma_max) == (-13.3, 5.0)
+        assert (c.optim.learning_rate, c.optim.ema_rate) == (2e-4, 0.9999)
+    assert load("imagenet64", "unet").model.type == "unet"
+
+
+def test_digits_default_is_cpu_sized():
+    # The default must train in minutes on 2 CPU cores: keep an eye on whoever grows it.
+    c = load("digits")
+    assert c.data.name == "digits" and c.model.n_embd <= 64 and c.model.n_layers <= 8
+    assert c.train.num_steps <= 5000 and c.sample.steps <= 500
 
 
 @pytest.mark.parametrize(

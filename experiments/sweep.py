@@ -9,7 +9,8 @@ A sweep file is a Python file with plain data:
 
 The runs are the Cartesian product of PRODUCT's lists with ZIP's lists taken in lockstep. Each
 run gets its own workdir under --base, named from the values that vary, and its overrides are
-saved there as sweep.json.
+saved there as sweep.json. `print` and `run` first parse every run's overrides against the
+locked config, so a misspelt key fails before anything trains.
 
   python experiments/sweep.py print experiments/sweeps/digits_lr.py --base=runs/sweep
   python experiments/sweep.py run experiments/sweeps/digits_lr.py --base=runs/sweep
@@ -17,12 +18,11 @@ saved there as sweep.json.
 
 `run` goes through the runs one after another and skips those whose workdir is DONE, so an
 interrupted sweep is continued by running the same command (an unfinished run resumes from its
-checkpoint). `collect` reads every run's metrics.jsonl.
+checkpoint); it stops at the first failed run unless given --keep_going. `collect` reads every
+run's metrics.jsonl and tabulates the final and best eval bits/dim, steps and wall time.
 """
 
 import argparse
-import csv
-import io
 import itertools
 import json
 import os
@@ -31,6 +31,10 @@ import runpy
 import shlex
 import subprocess
 import sys
+
+from absl import flags
+from ml_collections import config_flags
+from sweep_report import to_csv, to_markdown  # next to this file
 
 from vdm import logging_utils
 
@@ -46,9 +50,16 @@ def expand(product: dict | None = None, zipped: dict | None = None, fixed: dict 
       fixed: key -> value added to every run.
 
     Returns:
-      A list of {dotted key: value} dicts, product-major.
+      A list of {dotted key: value} dicts, product-major; a PRODUCT or ZIP value replaces a
+      FIXED one for the same key.
+
+    Raises:
+      ValueError: ZIP lists differ in length, or a key is in both PRODUCT and ZIP.
     """
     product, zipped, fixed = product or {}, zipped or {}, fixed or {}
+    both = set(product) & set(zipped)
+    if both:
+        raise ValueError(f"Keys in both PRODUCT and ZIP: {sorted(both)}.")
     lengths = {len(v) for v in zipped.values()}
     if len(lengths) > 1:
         raise ValueError(f"ZIP lists must have one length; got {sorted(lengths)}.")
@@ -63,65 +74,174 @@ def expand(product: dict | None = None, zipped: dict | None = None, fixed: dict 
 
 
 def run_name(overrides: dict, varying: list[str]) -> str:
-    """A workdir name from the varying keys' last components and values."""
-    parts = [f"{k.split('.')[-1]}={overrides[k]}" for k in varying] or ["run"]
-    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts))
+    """A workdir name built from the values of the keys that vary across the sweep.
+
+    Args:
+      overrides: one run's {dotted key: value}.
+      varying: the keys that differ between runs, in the sweep file's order.
+
+    Returns:
+      e.g. "learning_rate=0.001,n_layers=4": each key's last component, unless two varying
+      keys share it (model.dropout, data.dropout), in which case the full dotted keys are used.
+    """
+    short = [k.split(".")[-1] for k in varying]
+    labels = short if len(set(short)) == len(short) else varying
+    parts = [f"{label}={overrides[k]}" for label, k in zip(labels, varying, strict=True)]
+    # Values such as tuples or paths carry spaces and slashes; keep names one path component.
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", ",".join(parts) or "run")
 
 
 def load_sweep(path: str) -> tuple[str, list[dict], list[str]]:
-    """(config, list of override dicts, varying keys) of a sweep file."""
+    """Reads a sweep file.
+
+    Args:
+      path: a Python file defining CONFIG and optionally FIXED, PRODUCT and ZIP.
+
+    Returns:
+      (config file[:arg], the runs' override dicts, the keys that vary between runs).
+
+    Raises:
+      ValueError: CONFIG is missing, or an upper-case name is none of the known ones (a
+        misspelt PRODUCT would otherwise silently shrink the sweep to one run).
+    """
     spec = runpy.run_path(path)
-    unknown = set(k for k in spec if k.isupper()) - {"CONFIG", "FIXED", "PRODUCT", "ZIP"}
+    unknown = {k for k in spec if k.isupper()} - {"CONFIG", "FIXED", "PRODUCT", "ZIP"}
     if unknown or "CONFIG" not in spec:
         raise ValueError(f"{path}: needs CONFIG; knows FIXED, PRODUCT, ZIP; got {sorted(unknown)}.")
     product, zipped = spec.get("PRODUCT", {}), spec.get("ZIP", {})
     runs = expand(product, zipped, spec.get("FIXED", {}))
-    return spec["CONFIG"], runs, list(product) + list(zipped)
+    varying = [k for k in [*product, *zipped] if len({repr(r[k]) for r in runs}) > 1]
+    return spec["CONFIG"], runs, varying
 
 
 def commands(config: str, runs: list[dict], varying: list[str], base: str):
-    """[(workdir, overrides, argv)] for every run."""
+    """The `vdm.main` command line of every run.
+
+    Args:
+      config: config file[:arg] passed as --config.
+      runs: override dicts from `expand`.
+      varying: keys that name the workdirs (see `run_name`).
+      base: directory that holds one workdir per run.
+
+    Returns:
+      A list of (workdir, overrides, argv) tuples, in the order of `runs`.
+
+    Raises:
+      ValueError: two runs would share a workdir.
+    """
     out = []
     for overrides in runs:
         workdir = os.path.join(base, run_name(overrides, varying))
         argv = [sys.executable, "-m", "vdm.main", f"--config={config}", f"--workdir={workdir}"]
         argv += [f"--config.{k}={v}" for k, v in overrides.items()]
         out.append((workdir, overrides, argv))
+    workdirs = [w for w, _, _ in out]
+    if len(set(workdirs)) != len(workdirs):
+        dup = sorted({w for w in workdirs if workdirs.count(w) > 1})
+        raise ValueError(f"Runs would share a workdir: {dup}; list each value once.")
     return out
 
 
-def run_all(cmds, runner=subprocess.run) -> list[str]:
-    """Runs each command whose workdir is not DONE; returns the workdirs it ran."""
-    ran = []
+def check_overrides(config: str, runs: list[dict]) -> None:
+    """Parses every run's overrides as `vdm.main` would, before any run starts.
+
+    A misspelt key or a badly typed value in the last run of a sweep should fail now, not
+    after hours of earlier runs.
+
+    Args:
+      config: config file[:arg], relative to the current directory as on the command line.
+      runs: override dicts from `expand`.
+
+    Raises:
+      ValueError: naming the run's overrides and the parser's message (which names the key).
+    """
+    for overrides in runs:
+        argv = ["vdm.main", f"--config={config}"]
+        argv += [f"--config.{k}={v}" for k, v in overrides.items()]
+        # A fresh FlagValues per run: override flags are defined while parsing and would
+        # otherwise leak between runs; sys_argv stops config_flags reading this process's argv.
+        flag_values = flags.FlagValues()
+        config_flags.DEFINE_config_file(
+            "config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv
+        )
+        try:
+            flag_values(argv)
+        except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
+            # config_flags wraps the locked config's KeyError in an AttributeError; unwrap the
+            # message so that it reads as text, not as nested reprs.
+            message = e
+            while isinstance(message, BaseException) and message.args:
+                message = message.args[0]
+            raise ValueError(f"Bad override in run {overrides}: {message}") from e
+
+
+def run_all(cmds, runner=subprocess.run, keep_going: bool = False) -> tuple[list, list]:
+    """Runs the commands one after another, skipping runs whose workdir has a DONE file.
+
+    Args:
+      cmds: (workdir, overrides, argv) tuples from `commands`.
+      runner: called as runner(argv, check=True); a test passes a fake.
+      keep_going: after a failed run, go on with the next instead of stopping the sweep.
+
+    Returns:
+      (workdirs that ran to completion, workdirs whose command failed).
+    """
+    ran, failed = [], []
     for workdir, overrides, argv in cmds:
         if logging_utils.is_done(workdir):
             print(f"skip (done): {workdir}")
             continue
         os.makedirs(workdir, exist_ok=True)
+        # collect() reads the overrides back, so the table has one column per swept key.
         with open(os.path.join(workdir, SWEEP_RECORD), "w") as f:
             json.dump(overrides, f, indent=2)
         print(f"run: {shlex.join(argv)}", flush=True)
-        runner(argv, check=True)
+        try:
+            runner(argv, check=True)
+        except subprocess.CalledProcessError as e:
+            if not keep_going:
+                raise
+            print(f"FAILED (exit {e.returncode}): {workdir}", flush=True)
+            failed.append(workdir)
+            continue
         ran.append(workdir)
-    return ran
+    return ran, failed
+
+
+def _is_number(value) -> bool:
+    # Non-finite metrics are logged as strings ("nan"); bool is an int subclass.
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def collect(base: str) -> list[dict]:
-    """One row per run directory under `base` that has a metrics.jsonl."""
+    """Summarises every run directory directly under `base` that has a metrics.jsonl.
+
+    Args:
+      base: the sweep's base directory.
+
+    Returns:
+      One dict per run, sorted by name: run, the swept overrides (from sweep.json), final_bpd
+      and its final_bpd_stderr (the last eval), best_bpd (the lowest eval), steps, wall_time_s
+      and done. Bits/dim are None for runs that have not evaluated yet.
+    """
+    if not os.path.isdir(base):
+        raise FileNotFoundError(f"No sweep directory {base!r}.")
     rows = []
     for name in sorted(os.listdir(base)):
         workdir = os.path.join(base, name)
         if not os.path.exists(os.path.join(workdir, logging_utils.METRICS_FILE)):
             continue
         records = logging_utils.read_metrics(workdir)
-        evals = [r for r in records if isinstance(r.get("eval/bpd"), float)]
+        evals = [r for r in records if _is_number(r.get("eval/bpd"))]
         row = {"run": name}
         sweep_file = os.path.join(workdir, SWEEP_RECORD)
         if os.path.exists(sweep_file):
             with open(sweep_file) as f:
                 row.update(json.load(f))
+        last = evals[-1] if evals else {}
         row.update(
-            final_bpd=evals[-1]["eval/bpd"] if evals else None,
+            final_bpd=last.get("eval/bpd"),
+            final_bpd_stderr=last.get("eval/bpd_stderr"),
             best_bpd=min(r["eval/bpd"] for r in evals) if evals else None,
             steps=max((r["step"] for r in records), default=0),
             wall_time_s=max((r.get("wall_time", 0.0) for r in records), default=0.0),
@@ -131,30 +251,22 @@ def collect(base: str) -> list[dict]:
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
-    """A Markdown table of collect()'s rows (columns in first-seen order)."""
-    cols = list(dict.fromkeys(k for row in rows for k in row))
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+def main(argv=None) -> int:
+    """Command-line entry point.
 
+    Args:
+      argv: arguments without the program name; None reads sys.argv.
 
-def to_csv(rows: list[dict]) -> str:
-    """collect()'s rows as CSV text."""
-    cols = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def main(argv=None):
+    Returns:
+      The exit status: 1 when a run failed under --keep_going, else 0.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("action", choices=["print", "run", "collect"])
     parser.add_argument("sweep", nargs="?", help="sweep file (print, run)")
     parser.add_argument("--base", required=True, help="directory holding one workdir per run")
+    parser.add_argument(
+        "--keep_going", action="store_true", help="run: continue after a failed run"
+    )
     args = parser.parse_args(argv)
     if args.action == "collect":
         rows = collect(args.base)
@@ -162,16 +274,24 @@ def main(argv=None):
             with open(os.path.join(args.base, name), "w") as f:
                 f.write(text)
         print(to_markdown(rows), end="")
-        return
+        return 0
     if not args.sweep:
         parser.error(f"{args.action} needs a sweep file")
-    cmds = commands(*load_sweep(args.sweep), args.base)
+    try:
+        config, runs, varying = load_sweep(args.sweep)
+        check_overrides(config, runs)
+        cmds = commands(config, runs, varying, args.base)
+    except ValueError as e:
+        parser.error(str(e))  # exits with status 2
     if args.action == "print":
-        for _, _, argv in cmds:
-            print(shlex.join(argv))
-    else:
-        run_all(cmds)
+        for _, _, run_argv in cmds:
+            print(shlex.join(run_argv))
+        return 0
+    _, failed = run_all(cmds, keep_going=args.keep_going)
+    for workdir in failed:
+        print(f"failed: {workdir}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,10 @@
-"""Learning rate x depth on the digits default, 1,000 steps each (about 3 minutes a run on 2
-CPU cores). python experiments/sweep.py run experiments/sweeps/digits_lr.py --base=runs/lr"""
+"""Learning rate x depth on the digits default: 6 runs of 1,000 steps, about 3 minutes each on
+2 CPU cores (no samples drawn, two evaluations a run).
+
+  python experiments/sweep.py print experiments/sweeps/digits_lr.py --base=runs/lr
+  python experiments/sweep.py run experiments/sweeps/digits_lr.py --base=runs/lr
+  python experiments/sweep.py collect --base=runs/lr
+"""
 
 CONFIG = "configs/digits.py"
 FIXED = {"train.num_steps": 1000, "train.eval_every": 500, "train.write_samples": False}

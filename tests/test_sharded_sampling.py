@@ -81,6 +81,11 @@ def nll(s, z=z0):
                                    batch_sharding=s)
 outs = compare("ode_log_prob", nll)
 steps = [int(o["num_steps"]) for o in outs]
+# The latent path is bit-identical when both layouts take the very same steps (a grid moved by
+# an ulp of the controller's input leaves thousands of ulps at intermediate times).
+results["ode_z_end_ulps"] = float(np.max(np.abs(np.asarray(outs[0]["z_end"], np.float64)
+                                                - np.asarray(outs[1]["z_end"], np.float64))
+                                         / np.spacing(np.abs(np.asarray(outs[0]["z_end"])))))
 # What separate per-device solves would have done: each quarter on its own.
 with jax.set_mesh(shardings[0].mesh):
     quarters = [int(nll(shardings[0], z0[i * 4:(i + 1) * 4])["num_steps"]) for i in range(4)]
@@ -117,22 +122,11 @@ def results():
 SAMPLED = ["ancestral", "ddpm", "ddim", "sde", "pc", "langevin", "odeheun", "odetsit5", "cfg"]
 
 
-@pytest.mark.parametrize("name", SAMPLED + ["ode_nll_decoder"])
+@pytest.mark.parametrize("name", SAMPLED + ["ode_log_prob", "ode_nll_decoder"])
 def test_same_numbers_on_1_and_4_devices(results, name):
     diff, devices, _ = results[name]
     assert diff < 1e-5, f"{name}: max |1-device - 4-device| = {diff}"
     assert devices == 4, f"{name} did not run sharded over 4 devices"
-
-
-def test_ode_log_prob_same_on_1_and_4_devices_to_float32_rounding(results):
-    # 16 rows on one device and 4 per device make XLA:CPU pick other matmul kernels, so each
-    # evaluation differs by about an ulp; over the solve (the same steps on both, checked
-    # below) that accumulates to ~12 ulps of z_end and 3e-6 of log_prob (|log_prob| ~ 85,
-    # where one float32 ulp is 7.6e-6; measured, and the same at rtol 1e-7). An absolute
-    # 1e-5 would ask for about one ulp; a relative 1e-5 leaves a 3x margin.
-    diff, devices, scale = results["ode_log_prob"]
-    assert diff < 1e-5 * scale, f"max |1-device - 4-device| = {diff} at scale {scale}"
-    assert devices == 4
 
 
 def test_discrete_samples_and_elbo_identical(results):
@@ -143,5 +137,8 @@ def test_discrete_samples_and_elbo_identical(results):
 def test_adaptive_solve_takes_one_global_step_sequence(results):
     (one_device, four_devices), quarters = results["adaptive_steps"]
     assert one_device == four_devices
+    # Equal counts are not equal grids: with the log-density in the error norm both layouts
+    # took 15 steps at times up to 4e-3 apart, z_end 24 ulps and log_prob 2.7e-4 apart.
+    assert results["ode_z_end_ulps"] == 0.0
     # Per-device solves would disagree about the steps, so the norm really is global.
     assert len(set(quarters)) > 1

@@ -228,10 +228,12 @@ def ode_log_prob(
         return constrain(ode.drift(model, t, zz), batch_sharding)
 
     tangents = _tangents(z, key, trace, num_probes, probe)
+    # The step size is controlled on z alone: int div dt is a quadrature along z's path, and
+    # its error estimate is rounding noise that would let the device count pick the steps.
     y0 = (z, constrain(jnp.zeros(z.shape[:1], z.dtype), batch_sharding))
     (z_end, delta), num_steps = ode.integrate(
         _divergence_fn(velocity, trace), y0, t0, t1, solver=solver, steps=steps, rtol=rtol,
-        atol=atol, max_steps=max_steps, args=tangents,
+        atol=atol, max_steps=max_steps, args=tangents, control=lambda y: y[0],
     )  # fmt: skip
     d = math.prod(z.shape[1:])
     flat = z_end.reshape(z.shape[0], -1)

@@ -1,0 +1,153 @@
+"""Correctness of the performance switches (speed itself is measured by experiments/benchmark.py).
+
+- bfloat16 compute (float32 parameters and loss) gives the float32 loss within 1% and nearly
+  parallel gradients on CPU.
+- FSDP-style parameter sharding over a second mesh axis computes the same loss and the same
+  updated parameters as pure data parallelism, on 4 simulated CPU devices (a subprocess, since
+  XLA_FLAGS must be set before jax is imported).
+- The benchmark's XLA cost and memory queries work on this backend.
+
+The patches conv gradient (tests/test_nets.py) and steps_per_call > 1 (tests/test_train.py) are
+tested where they live.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import train_helpers as th
+
+from vdm import sharding
+from vdm.experiment import Experiment
+
+# A two-block VDM U-Net on the 8x8 digits: convolutions, GroupNorm and attention, compiled in
+# seconds. Its 3x3 kernels (9,216 weights) are big enough to be sharded by train.fsdp.
+UNET = dict(
+    data__name="digits",
+    data__batch_size=8,
+    model__type="vdm_unet",
+    model__n_embd=32,
+    model__n_layers=1,
+    model__norm_groups=8,
+    model__dropout=0.0,
+)
+
+# Relative tolerance of the bfloat16 loss: bf16 keeps 8 mantissa bits (relative spacing 2^-8,
+# 0.4%) and the per-example terms average over the batch, so 1% leaves room for accumulated
+# rounding while still catching a wrong cast (which moves the bits/dim by whole units).
+BF16_LOSS_RTOL = 1e-2
+
+
+def _loss_and_grad(config, params, batch, key):
+    exp = Experiment.build(config)
+
+    def loss(p):
+        terms = exp.loss_terms(p, batch, key, train=True)
+        return jnp.mean(terms["train"]) / (exp.num_dims * np.log(2.0))
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+def test_bfloat16_loss_matches_float32():
+    f32 = th.load_config(**UNET)
+    bf16 = th.load_config(**UNET, model__dtype="bfloat16")
+    exp = Experiment.build(f32)
+    params = exp.init_params(exp.root_key(0))
+    # A trained-looking network: nonzero output layers (a fresh one predicts exactly zero).
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    )
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.integers(0, exp.info.vocab_size, (8, 8, 8, 1)), jnp.uint8)}
+    key = jax.random.key(3)
+    loss32, grad32 = _loss_and_grad(f32, params, batch, key)
+    loss16, grad16 = _loss_and_grad(bf16, params, batch, key)
+    assert loss16.dtype == jnp.float32
+    np.testing.assert_allclose(float(loss16), float(loss32), rtol=BF16_LOSS_RTOL)
+    g32 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad32["model"])])
+    g16 = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad16["model"])])
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grad16))
+    cosine = float(g32 @ g16 / (jnp.linalg.norm(g32) * jnp.linalg.norm(g16)))
+    assert cosine > 0.98, cosine
+
+
+CHILD = r"""
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+import train_helpers as th
+from vdm import optim, sharding, train
+from vdm.experiment import Experiment
+
+assert jax.device_count() == 4, jax.devices()
+unet = json.loads(sys.argv[2])
+rng = np.random.default_rng(0)
+local = [{"x": rng.integers(0, 17, (8, 8, 8, 1)).astype(np.uint8)} for _ in range(2)]
+runs = {}
+for fsdp in (1, 2, 4):
+    config = th.load_config(**unet, train__fsdp=fsdp)
+    exp = Experiment.build(config)
+    opt = optim.make_optimizer(config.optim)
+    _, shardings = train.state_shardings(exp, opt)
+    state = jax.jit(lambda: train.create_state(exp, opt), out_shardings=shardings)()
+    step = train.compile_steps(exp, opt, shardings)(1)
+    losses = []
+    for b in local:
+        state, metrics = step(state, sharding.global_batch(b, exp.mesh), exp.root_key(1))
+        losses.append(float(metrics["train/loss"]))
+    sharded = sum("fsdp" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(state.params))
+    params = [np.asarray(p) for p in jax.tree.leaves(state.params)]
+    runs[fsdp] = (losses, params, sharded, dict(exp.mesh.shape))
+out = {}
+for fsdp in (2, 4):
+    losses, params, sharded, mesh = runs[fsdp]
+    diff = max(float(np.max(np.abs(a - b))) for a, b in zip(params, runs[1][1]))
+    scale = max(float(np.max(np.abs(a))) for a in runs[1][1])
+    out[fsdp] = {"losses": losses, "dp_losses": runs[1][0], "param_diff": diff,
+                 "param_scale": scale, "sharded_leaves": sharded, "mesh": mesh}
+print("RESULTS " + json.dumps(out))
+"""
+
+
+def test_fsdp_and_data_parallel_compute_the_same_step():
+    env = dict(th.env_for(4))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    unet = json.dumps({k: v for k, v in UNET.items()})
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, tests_dir, unet],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
+    results = json.loads(line[len("RESULTS ") :])
+    for fsdp, r in results.items():
+        assert r["mesh"] == {"data": 4 // int(fsdp), "fsdp": int(fsdp)}
+        assert r["sharded_leaves"] > 0, "nothing was sharded over the fsdp axis"
+        # Only the reduction order differs between the layouts.
+        np.testing.assert_allclose(r["losses"], r["dp_losses"], rtol=1e-5)
+        assert r["param_diff"] <= 1e-5 * r["param_scale"], r
+
+
+def test_benchmark_cost_and_memory_queries():
+    sys.path.insert(0, str(th.REPO))
+    from experiments import bench_lib
+
+    config = th.load_config(**UNET)
+    rec = bench_lib.compile_only(config)
+    assert rec["flops_per_step"] > 1e6 and rec["compile_s"] > 0
+    assert rec["temp_bytes"] >= 0 and rec["argument_bytes"] > 0
+    exp = Experiment.build(config)
+    batch = bench_lib.random_batch(exp, 8)
+    assert batch["x"].shape == (8, 8, 8, 1) and batch["x"].dtype == np.uint8
+    placed = sharding.global_batch(batch, exp.mesh)
+    assert placed["x"].shape == (8, 8, 8, 1)

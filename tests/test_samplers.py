@@ -241,3 +241,45 @@ def test_classifier_loss_decreases():
         params, state = step(params, state, jax.random.fold_in(key, 100 + i))
     assert np.isclose(start, np.log(2.0), atol=1e-6)
     assert float(mean_loss(params)) < 0.85 * start
+
+
+# Every registry sampler with options that keep it cheap.
+EVERY = [("ancestral", {}), ("ddpm", {}), ("ddim", {"eta": 0.5}), ("sde", {}), ("pc", {}),
+         ("langevin", {"steps_each": 2}), ("ode", {"solver": "heun"}),
+         ("ode", {"solver": "tsit5", "rtol": 1e-3, "atol": 1e-3})]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,opts", EVERY)
+def test_guidance_weights_in_every_sampler(name, opts):
+    """w = 0 is the unconditional model and w = 1 the conditional one, bit for bit, in every
+    sampler, with a learned schedule's (traced) parameters."""
+    sched = schedules.learned_linear()
+    params = {"w": jnp.asarray(-20.0), "b": jnp.asarray(-12.5)}  # |w| keeps it monotone
+    labels = jnp.arange(64) % 2
+    cond = {"label": labels}
+
+    def run(den, **kw):
+        return samplers.sample(name, den, sched, params, jax.random.key(3), (64, 2),
+                               vocab_size=32, steps=6, **opts, **kw)  # fmt: skip
+
+    uncond = run(MIX)
+    np.testing.assert_array_equal(run(MIX, cond=cond, guidance=0.0, num_classes=2), uncond)
+    conditional = run(lambda z, g, c: MIX(z, g, {"label": labels}))
+    np.testing.assert_array_equal(run(MIX, cond=cond, guidance=1.0), conditional)
+    assert not np.array_equal(np.asarray(uncond), np.asarray(conditional))
+
+
+@pytest.mark.parametrize("name,opts", EVERY[:6])
+def test_stochastic_samplers_on_curved_learned_schedule(name, opts):
+    """The stochastic samplers target the data for a strongly curved learned schedule too
+    (gamma'(t) by forward-mode differentiation through its parameters); the PF-ODE has the
+    per-sample check in test_ode_matches_exact_flow_for_any_schedule. The uniform t-grid is
+    coarse where this schedule changes fast, so 1000 steps (measured relative variance bias:
+    ancestral -0.019, ddim -0.016, ddpm and sde < 0.005, vs about -0.09 and -0.06 at 250). The
+    Langevin correctors' bias is set by their snr, not the grid (pc +0.05 at 250 and 1000)."""
+    curved = schedules.learned_net(-13.3, 10.0, n_features=8, pin_endpoints=True)
+    params = curved.init(jax.random.key(1))
+    params = dict(params, l2_w=params["l2_w"] * 400.0, l3_w=jnp.full((8,), 4000.0))
+    x = samplers.sample(name, GAUSS, curved, params, jax.random.key(4), (N, 3),
+                        vocab_size=None, steps=1000, **opts)  # fmt: skip
+    _check_moments(x, MU, VAR, 0.03 if name == "pc" else 0.02, 0.01)

@@ -11,8 +11,10 @@ per step, the achieved FLOP/s and that as a fraction of a dense matmul timed jus
 and memory (XLA's per-executable analysis; the device's peak where the backend reports one).
 For the first variant it also reports ELBO evaluation images/s, per-sampler images/s of the
 actual network at `--sample_steps`, and (`--profile`) the share of step time by op category.
-`--depths` compiles (without running) the CIFAR-10 network's train step at those depths,
-unrolled and scanned. `--ceiling` times a lone 3x3 convolution and its gradients.
+`--compile_variants` are compiled but not run (compile time and memory of scan/remat without
+minutes of slow CPU steps). `--depths` compiles (without running) the CIFAR-10 network's train
+step at those depths, unrolled and scanned. `--ceiling` times a lone 3x3 convolution and its
+gradients.
 
 Writes experiments/results/benchmark.json (every figure, with the environment) and
 benchmark.md (the tables). Parameters are freshly initialised and batches are random data of the
@@ -37,7 +39,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
     "config", os.path.join(HERE, "bench_lib.py"), "Config file[:arg]; default: reduced U-Net."
 )
-flags.DEFINE_list("variants", ["f32", "patches", "scan", "remat"], "Variants to time.")
+flags.DEFINE_list("variants", ["f32", "patches"], "Variants to time.")
+flags.DEFINE_list(
+    "compile_variants", ["scan", "remat", "scan_remat"], "Variants only compiled (time, memory)."
+)
 flags.DEFINE_integer("steps", 5, "Timed train steps per variant (after one warm-up).")
 flags.DEFINE_float("budget_s", 30.0, "Stop timing a variant after this long (>= 2 steps).")
 flags.DEFINE_list("samplers", ["ancestral", "ddim", "sde", "pc", "ode_euler"], "Samplers.")
@@ -91,6 +96,18 @@ def markdown(record) -> str:
         "## Train step\n",
         train_table(record["train"]),
     ]
+    if record.get("compiled"):
+        out += [
+            "\nCompiled only (the step is not run): trace+lower and compile time, XLA's temp "
+            "memory.\n",
+            "| variant | trace+lower (s) | compile (s) | temp MiB |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, r in record["compiled"].items():
+            out.append(
+                f"| {name} | {r['trace_lower_s']:.1f} | {r['compile_s']:.1f} | "
+                f"{_mib(r.get('temp_bytes'))} |"
+            )
     if record.get("time_breakdown"):
         parts = ", ".join(f"{k} {100 * v:.0f}%" for k, v in record["time_breakdown"].items())
         out += ["\nTime by op kind (first variant, one profiled step): " + parts + "."]
@@ -185,6 +202,11 @@ def main(argv):
             record["conv_ceiling"] = bench_lib.conv_ceiling(
                 m.n_embd, config.data.batch_size, exp.info.shape[0]
             )
+    record["compiled"] = {}
+    for name in FLAGS.compile_variants:
+        rec = bench_lib.compile_only(bench_lib.with_overrides(config, bench_lib.VARIANTS[name]))
+        record["compiled"][name] = rec
+        print(f"compiled {name}: {rec}", flush=True)
     record["depths"] = []
     for depth in FLAGS.depths:
         for scan in (False, True):

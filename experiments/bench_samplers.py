@@ -196,4 +196,7 @@ def main():
 
 
 if __name__ == "__main__":
+    from vdm import runtime
+
+    runtime.setup()  # tcmalloc and XLA:CPU flags, as `python -m vdm.main` runs
     main()

@@ -60,4 +60,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from vdm import runtime
+
+    runtime.setup()  # before JAX starts: tcmalloc (re-runs the command) and XLA:CPU flags
     app.run(main)

@@ -1,0 +1,110 @@
+"""The process settings of vdm/runtime.py: XLA:CPU flags and the allocator re-run.
+
+- The convolution flag is appended to a user's XLA_FLAGS, never replaces them, is left out
+  when the user set it or on an untested jaxlib (XLA aborts on unknown flags), and is in force
+  in a process that imports vdm before JAX starts.
+- The allocator re-run happens at most once, only on Linux with an allocator installed, and
+  never over one already preloaded or against VDM_ALLOCATOR=system; a re-run process keeps its
+  arguments and reports tcmalloc/jemalloc as loaded.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from vdm import runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_xla_flags_append_and_respect_the_user():
+    devices = "--xla_force_host_platform_device_count=4"
+    assert runtime.xla_flags("", "0.10.2") == runtime.YNN_FLAG
+    assert runtime.xla_flags(devices, "0.10.2") == f"{devices} {runtime.YNN_FLAG}"
+    # Idempotent, and a user's own value of the flag wins.
+    once = runtime.xla_flags(devices, "0.10.2")
+    assert runtime.xla_flags(once, "0.10.2") == once
+    mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
+    assert runtime.xla_flags(mine, "0.10.2") == mine
+    # An untested jaxlib may not know the flag, and XLA aborts on unknown flags.
+    assert runtime.xla_flags(devices, "9.9.9") == devices
+
+
+def test_importing_vdm_sets_the_flag_before_jax_starts():
+    code = (
+        "import os, vdm, jax, jax.numpy as jnp; jnp.ones(1).block_until_ready(); "
+        "print(os.environ['XLA_FLAGS'])"
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env.pop("VDM_XLA_CPU_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    flags = out.stdout.strip().splitlines()[-1]
+    assert "--xla_force_host_platform_device_count=2" in flags
+    import jaxlib.version
+
+    if jaxlib.version.__version__ in runtime.YNN_FLAG_VERSIONS:
+        assert runtime.YNN_FLAG in flags
+    env["VDM_XLA_CPU_FLAGS"] = "0"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert runtime.YNN_FLAG not in out.stdout
+
+
+def test_allocator_env_rules():
+    lib = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    env = runtime.allocator_env({"PATH": "/bin", "LD_PRELOAD": "/x/libfoo.so"}, lib, "linux")
+    assert env["LD_PRELOAD"] == f"{lib} /x/libfoo.so"
+    assert env["PATH"] == "/bin"
+    # The re-run itself never re-runs again.
+    assert runtime.allocator_env(env, lib, "linux") is None
+    assert runtime.allocator_env({}, None, "linux") is None
+    assert runtime.allocator_env({}, lib, "darwin") is None
+    assert runtime.allocator_env({"VDM_ALLOCATOR": "system"}, lib, "linux") is None
+    jemalloc = {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}
+    assert runtime.allocator_env(jemalloc, lib, "linux") is None
+
+
+def test_find_allocator_searches_the_given_dirs(tmp_path):
+    assert runtime.find_allocator([str(tmp_path)]) is None
+    (tmp_path / "libjemalloc.so.2").write_bytes(b"")
+    assert runtime.find_allocator([str(tmp_path)]) == str(tmp_path / "libjemalloc.so.2")
+    (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert runtime.find_allocator([str(tmp_path)]).endswith("libtcmalloc_minimal.so.4")
+
+
+def _loaded_libm() -> str:
+    with open("/proc/self/maps") as f:
+        paths = [line.split()[-1] for line in f if "libm.so" in line]
+    return paths[0]
+
+
+def test_reexec_keeps_arguments_and_preloads_once(tmp_path):
+    # A harmless library (libm) under an allocator's name stands in for jemalloc, so the
+    # re-run itself is exercised on machines without one.
+    shutil.copy(_loaded_libm(), tmp_path / "libjemalloc.so.2")
+    code = (
+        "import os, sys; from vdm import runtime; "
+        f"runtime.reexec_with_allocator([{str(tmp_path)!r}]); "
+        "print(sys.argv[1:], runtime.loaded_allocator(), os.environ['LD_PRELOAD'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "VDM_ALLOCATOR")}
+    env.pop("VDM_ALLOCATOR_REEXEC", None)
+    out = subprocess.run(
+        [sys.executable, "-c", code, "a", "--b=1"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = out.stdout.strip().splitlines()
+    assert len(printed) == 1  # the command ran to its end exactly once
+    args, allocator, preload = printed[0].rsplit(" ", 2)
+    assert args == "['a', '--b=1']"
+    assert allocator == "jemalloc"
+    assert preload == str(tmp_path / "libjemalloc.so.2")

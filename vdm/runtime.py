@@ -1,0 +1,138 @@
+"""Process settings that must be in place before JAX starts: XLA:CPU flags and the allocator.
+
+Both were measured on this project's 2-core CPU machine (experiments/results/benchmark.md); on a
+GPU or TPU they change nothing that matters there.
+
+1. jaxlib 0.10.2's XLA:CPU hands convolutions to YNNPACK ("individual_convolution" fusions),
+   which runs the U-Net's 3x3 convolutions at about half the speed of a dense matmul. Taking
+   that one fusion type out (`-individual_convolution`) keeps YNNPACK's dots and reductions and
+   lets XLA's own convolution run them at about 90% (forward, input gradient) and 74% (kernel
+   gradient) of a matmul. XLA aborts the process on a flag it does not know, so the flag is only
+   added for jaxlib versions where it was measured.
+
+2. glibc's malloc maps every buffer above 32 MiB fresh from the kernel and unmaps it when freed,
+   so each train step page-faults its gigabytes of temporaries again (an elementwise pass over
+   75 MB ran at 4 GB/s instead of 22 GB/s). tcmalloc (or jemalloc) keeps freed memory for
+   reuse. An allocator has to be loaded before the process starts, so
+   `reexec_with_allocator` runs the same command again with LD_PRELOAD when one is installed
+   (`apt-get install libtcmalloc-minimal4`) and not yet loaded.
+
+Opt out with VDM_XLA_CPU_FLAGS=0 and VDM_ALLOCATOR=system.
+"""
+
+import os
+import sys
+
+from absl import logging
+
+# The flag, and the jaxlib versions on which it was measured to help (and exists).
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+YNN_FLAG_VERSIONS = ("0.10.2",)
+
+# Allocators that keep freed memory, best first, and where Linux distributions put them.
+ALLOCATORS = (
+    "libtcmalloc_minimal.so.4",
+    "libtcmalloc.so.4",
+    "libjemalloc.so.2",
+)
+LIBRARY_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+)
+_REEXEC_MARK = "VDM_ALLOCATOR_REEXEC"
+
+
+def xla_flags(existing: str, jaxlib_version: str) -> str:
+    """XLA_FLAGS with the convolution flag appended (unchanged if set or untested).
+
+    Args:
+      existing: the current XLA_FLAGS value ('' if unset).
+      jaxlib_version: jaxlib's version string.
+
+    Returns:
+      The new XLA_FLAGS value. A user's own setting of the same flag wins.
+    """
+    name = YNN_FLAG.split("=", 1)[0]
+    if jaxlib_version not in YNN_FLAG_VERSIONS or name in existing:
+        return existing
+    return f"{existing} {YNN_FLAG}".strip()
+
+
+def configure_xla() -> None:
+    """Adds the XLA:CPU flags to os.environ; effective if JAX's backend has not started yet."""
+    if os.environ.get("VDM_XLA_CPU_FLAGS", "1") == "0":
+        return
+    import jaxlib.version  # cheap: does not start a backend
+
+    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""), jaxlib.version.__version__)
+
+
+def find_allocator(dirs=LIBRARY_DIRS) -> str | None:
+    """Path of the first installed allocator of ALLOCATORS, or None."""
+    for name in ALLOCATORS:
+        for d in dirs:
+            path = os.path.join(d, name)
+            if os.path.exists(path):
+                return path
+    return None
+
+
+def allocator_env(env: dict, library: str | None, platform: str = sys.platform) -> dict | None:
+    """The environment to re-run the process with, or None if it should run as it is.
+
+    None when: not Linux, no allocator installed, VDM_ALLOCATOR=system, an allocator is already
+    preloaded, or this process is itself the re-run (so it can never loop).
+    """
+    if not platform.startswith("linux") or library is None:
+        return None
+    if env.get("VDM_ALLOCATOR", "") == "system" or env.get(_REEXEC_MARK):
+        return None
+    preload = env.get("LD_PRELOAD", "")
+    if any(tag in preload for tag in ("tcmalloc", "jemalloc", "mimalloc")):
+        return None
+    new = dict(env)
+    new["LD_PRELOAD"] = f"{library} {preload}".strip()
+    new[_REEXEC_MARK] = "1"
+    return new
+
+
+def reexec_with_allocator(dirs=LIBRARY_DIRS) -> None:
+    """Re-runs this exact command (same PID, arguments and environment) with tcmalloc preloaded.
+
+    Call first thing in a program's entry point, before JAX starts: the process image is
+    replaced, so nothing done before is kept. Does nothing when `allocator_env` says so.
+
+    Args:
+      dirs: where to look for the allocators of ALLOCATORS.
+    """
+    env = allocator_env(dict(os.environ), find_allocator(dirs))
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def loaded_allocator() -> str:
+    """Which allocator this process runs on ('tcmalloc', 'jemalloc', 'mimalloc' or 'glibc')."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    for tag in ("tcmalloc", "jemalloc", "mimalloc"):
+        if tag in maps:
+            return tag
+    return "glibc"
+
+
+def setup(*, reexec: bool = True) -> None:
+    """Both settings: re-run under a better allocator (if any), then set the XLA:CPU flags."""
+    if reexec:
+        reexec_with_allocator()
+    configure_xla()
+    if os.environ.get(_REEXEC_MARK):
+        logging.info("Running with %s preloaded.", os.environ.get("LD_PRELOAD"))

@@ -21,11 +21,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdm.nets.group_norm import GroupNorm
 from vdm.nets.layers import (
     AttentionBlock,
     ConditioningEmbed,
     Conv3x3,
     ResnetBlock,
+    concat_channels,
     fourier_features,
 )
 
@@ -129,13 +131,13 @@ class UNet(nn.Module):
 
         for level in reversed(range(levels)):
             for i in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = concat_channels(h, skips.pop())
                 h = resnet(h, self.n_embd * self.channel_mult[level], f"up_{level}_resnet_{i}")
                 h = maybe_attention(h, f"up_{level}_attention_{i}")
             if level > 0:
                 h = Upsample(self.conv_grad, dtype, name=f"up_{level}_upsample")(h)
         assert not skips, "every skip is consumed exactly once"
 
-        h = nn.swish(nn.GroupNorm(self.norm_groups, dtype=dtype, name="norm_out")(h))
+        h = nn.swish(GroupNorm(self.norm_groups, dtype=dtype, name="norm_out")(h))
         out = Conv3x3(z.shape[-1], nn.initializers.zeros, **conv, name="conv_out")(h)
         return out.astype(jnp.float32)

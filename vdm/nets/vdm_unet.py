@@ -23,12 +23,14 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vdm.nets.group_norm import GroupNorm
 from vdm.nets.layers import (
     AttentionBlock,
     ConditioningEmbed,
     Conv3x3,
     ResnetBlock,
     apply_stack,
+    concat_channels,
     fourier_features,
 )
 
@@ -85,7 +87,7 @@ class UpBlock(nn.Module):
             self.conv_grad,
             self.dtype,
             name="resnet",
-        )(jnp.concatenate([h, skip], axis=-1), cond)
+        )(concat_channels(h, skip), cond)
         if self.with_attention:
             h = AttentionBlock(self.num_heads, self.norm_groups, self.dtype, name="attention")(h)
         return h, None
@@ -163,6 +165,6 @@ class VDMUNet(nn.Module):
 
         h, _ = apply_stack(UpBlock, block_kwargs, self.n_layers + 1, "up", h, skips, **stack)
 
-        h = nn.swish(nn.GroupNorm(self.norm_groups, dtype=dtype, name="norm_out")(h))
+        h = nn.swish(GroupNorm(self.norm_groups, dtype=dtype, name="norm_out")(h))
         out = Conv3x3(z.shape[-1], nn.initializers.zeros, **conv, name="conv_out")(h)
         return out.astype(jnp.float32)

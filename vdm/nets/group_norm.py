@@ -1,0 +1,114 @@
+"""Group normalisation with nn.GroupNorm's parameters and numbers, computed in two stages.
+
+nn.GroupNorm reduces a [B, H, W, G, C/G] view over (H, W, C/G) at once. With the U-Net's 2 to 4
+channels per group that reduction's innermost run is 2-4 floats long, which XLA:CPU vectorises
+badly: a 32x32x64 batch of 32 took 12.6 ms forward (with swish) and 14.3 ms with its gradient.
+Here the moments are first reduced over the spatial axes per (example, channel), a reduction
+along contiguous channels, and only then combined per group on the tiny [B, C] result:
+3.5 ms and 6.8 ms (experiments/benchmark.py shows the whole train step).
+
+The parameters ('scale' ones, 'bias' zeros, float32, shape [C]) and the statistics (float32,
+E[x^2] - E[x]^2 clipped at 0, epsilon 1e-6) are nn.GroupNorm's, so checkpoints and numbers
+carry over; the output is cast to `dtype`.
+"""
+
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _moments(x, num_groups):
+    # Per-(example, group) mean and 1/std of float32 x [B, ..., C], reduced in two stages.
+    batch, channels = x.shape[0], x.shape[-1]
+    axes = tuple(range(1, x.ndim - 1))
+    per_group = (batch, num_groups, channels // num_groups)
+    mean = jnp.mean(jnp.mean(x, axis=axes).reshape(per_group), axis=-1)
+    sq = jnp.mean(jnp.mean(jnp.square(x), axis=axes).reshape(per_group), axis=-1)
+    return mean, jnp.maximum(sq - jnp.square(mean), 0.0)
+
+
+def _per_channel(s, x_shape, num_groups):
+    # [B, G] -> [B, 1, ..., 1, C], each group's value repeated over its channels.
+    out = (x_shape[0],) + (1,) * (len(x_shape) - 2) + (x_shape[-1],)
+    return jnp.repeat(s, x_shape[-1] // num_groups, axis=-1).reshape(out)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _normalize(x, scale, bias, num_groups, epsilon):
+    mean, var = _moments(x, num_groups)
+    inv = jax.lax.rsqrt(var + epsilon)
+    return (x - _per_channel(mean, x.shape, num_groups)) * (
+        _per_channel(inv, x.shape, num_groups) * scale
+    ) + bias
+
+
+def _normalize_fwd(x, scale, bias, num_groups, epsilon):
+    mean, var = _moments(x, num_groups)
+    inv = jax.lax.rsqrt(var + epsilon)
+    mean_c = _per_channel(mean, x.shape, num_groups)
+    inv_c = _per_channel(inv, x.shape, num_groups)
+    return (x - mean_c) * (inv_c * scale) + bias, (x, scale, mean, inv)
+
+
+def _normalize_bwd(num_groups, epsilon, residuals, g):
+    # With xhat = (x - mean) * inv and y = xhat * scale + bias:
+    #   dx = inv * (g scale - mean_group(g scale) - xhat mean_group(g scale xhat)),
+    # and every reduction needed is a per-(example, channel) sum of g or of g * xhat.
+    del epsilon
+    x, scale, mean, inv = residuals
+    mean_c = _per_channel(mean, x.shape, num_groups)
+    inv_c = _per_channel(inv, x.shape, num_groups)
+    xhat = (x - mean_c) * inv_c
+    axes = tuple(range(1, x.ndim - 1))
+    sum_g = jnp.sum(g, axis=axes)  # [B, C]
+    sum_gx = jnp.sum(g * xhat, axis=axes)
+    batch, channels = x.shape[0], x.shape[-1]
+    count = x.size // (batch * num_groups)
+    per_group = (batch, num_groups, channels // num_groups)
+    m1 = jnp.sum((sum_g * scale).reshape(per_group), axis=-1) / count
+    m2 = jnp.sum((sum_gx * scale).reshape(per_group), axis=-1) / count
+    m1_c = _per_channel(m1, x.shape, num_groups)
+    m2_c = _per_channel(m2, x.shape, num_groups)
+    dx = inv_c * (g * scale - m1_c - xhat * m2_c)
+    return dx, jnp.sum(sum_gx, axis=0), jnp.sum(sum_g, axis=0)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+def group_norm(x, scale, bias, num_groups: int, epsilon: float = 1e-6, dtype=None):
+    """Normalises x [B, ..., C] over its middle axes and each group of C // num_groups channels.
+
+    Args:
+      x: input; statistics are computed in float32 whatever its dtype.
+      scale, bias: [C] per-channel affine parameters.
+      num_groups: number of channel groups (must divide C).
+      epsilon: added to the variance.
+      dtype: output dtype (x's if None).
+
+    Returns:
+      An array shaped like x.
+    """
+    channels = x.shape[-1]
+    if channels % num_groups:
+        raise ValueError(f"{channels} channels do not split into {num_groups} groups.")
+    y = _normalize(jnp.asarray(x, jnp.float32), scale, bias, num_groups, epsilon)
+    return y.astype(dtype or x.dtype)
+
+
+class GroupNorm(nn.Module):
+    """Drop-in for nn.GroupNorm(num_groups, dtype=...) on channels-last inputs."""
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)

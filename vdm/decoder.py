@@ -21,16 +21,22 @@ def encode(x, vocab_size: int | None):
     return 2.0 * (jnp.asarray(x).astype(jnp.result_type(float)) + 0.5) / vocab_size - 1.0
 
 
+def _logits(z_0, gamma_0, centres, *, every_value: bool):
+    # Unnormalised log-probabilities: of every value (centres [V]; result z_0.shape + (V,)),
+    # or of one value per sub-pixel (centres shaped like z_0).
+    g0 = _bcast(gamma_0, z_0)
+    alpha_0, _ = alpha_sigma(g0)
+    z_scaled, inv_stdev = z_0 / alpha_0, jnp.exp(-0.5 * g0)
+    if every_value:
+        z_scaled, inv_stdev = z_scaled[..., None], inv_stdev[..., None]
+    return -0.5 * jnp.square((z_scaled - centres) * inv_stdev)
+
+
 def log_probs(z_0, gamma_0, vocab_size: int):
     """Per-sub-pixel log p(x = v | z_0) for every v: shape z_0.shape + (vocab_size,)."""
     chex.assert_type(z_0, float)
-    g0 = _bcast(gamma_0, z_0)
-    alpha_0, _ = alpha_sigma(g0)
-    z_scaled = z_0 / alpha_0
     centres = encode(jnp.arange(vocab_size), vocab_size).astype(z_0.dtype)
-    inv_stdev = jnp.exp(-0.5 * g0)[..., None]
-    logits = -0.5 * jnp.square((z_scaled[..., None] - centres) * inv_stdev)
-    return jax.nn.log_softmax(logits, axis=-1)
+    return jax.nn.log_softmax(_logits(z_0, gamma_0, centres, every_value=True), axis=-1)
 
 
 def reconstruction_loss(x, z_0, gamma_0, vocab_size: int | None):
@@ -53,9 +59,13 @@ def reconstruction_loss(x, z_0, gamma_0, vocab_size: int | None):
         resid = jnp.asarray(x, z_0.dtype) - z_0 / alpha_0
         nll = 0.5 * (jnp.square(resid) * jnp.exp(-g0) + g0 + jnp.log(2.0 * jnp.pi))
         return jnp.sum(nll, axis=axes)
-    lp = log_probs(z_0, gamma_0, vocab_size)
-    onehot = jax.nn.one_hot(jnp.asarray(x, jnp.int32), vocab_size, dtype=lp.dtype)
-    return -jnp.sum(lp * onehot, axis=axes + (z_0.ndim,))
+    # -log p(x | z_0) = logsumexp_v logit_v - logit_x: the data's own logit is computed
+    # directly, so no [..., V] log-softmax or one-hot array is ever stored.
+    chex.assert_type(z_0, float)
+    centres = encode(jnp.arange(vocab_size), vocab_size).astype(z_0.dtype)
+    normaliser = jax.nn.logsumexp(_logits(z_0, gamma_0, centres, every_value=True), axis=-1)
+    own = _logits(z_0, gamma_0, encode(x, vocab_size).astype(z_0.dtype), every_value=False)
+    return jnp.sum(normaliser - own, axis=axes)
 
 
 def decode(z_0, gamma_0, vocab_size: int | None, key=None):

@@ -1,6 +1,7 @@
 """Samplers and guidance against exact Gaussian / Gaussian-mixture denoisers (no training).
 
-Moment tolerances are 4 standard errors of the sample mean (sqrt(var / N)) and of the sample
+Moment tolerances (mean, variance, and zero correlation between the independent coordinates)
+are 4 standard errors of the sample mean (sqrt(var / N)) and of the sample
 variance (var * sqrt(2 / N)) plus each sampler's discretisation bias at the chosen step count,
 measured once with 2e5 samples (it shrinks roughly as 1 / steps; ancestral sampling, for
 instance, under-disperses by about 11 / steps in relative variance on this schedule).
@@ -44,6 +45,10 @@ def _check_moments(x, mean, var, var_bias, mean_bias):
     var_tol = 4 * np.sqrt(2 / n) + var_bias
     np.testing.assert_array_less(np.abs(x.mean(0) - mean), mean_tol)
     np.testing.assert_array_less(np.abs(x.var(0) / var - 1), var_tol)
+    # The data's coordinates are independent: each sample correlation has standard error
+    # 1 / sqrt(N), and 5 of them bound the 3 pairs of all 10 cases together.
+    corr = np.corrcoef(x, rowvar=False)[np.triu_indices(x.shape[1], 1)]
+    np.testing.assert_array_less(np.abs(corr), 5 / np.sqrt(n))
 
 
 @pytest.mark.parametrize("name,steps,opts,var_bias,mean_bias", CASES)

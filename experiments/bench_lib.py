@@ -4,8 +4,8 @@ Every figure comes from the devices JAX sees in this process. Step times are med
 wall-clock intervals each ended by `block_until_ready`, after warm-up calls; FLOPs are XLA's own
 cost analysis of the compiled executable, so "achieved FLOP/s" counts what XLA says the program
 does (recomputation from remat included), not a hand count of the model. Because the machine may
-be shared, a dense matmul is timed right before every train-step measurement and each step is
-reported as a fraction of that neighbouring matmul figure.
+be shared, a dense matmul is timed right after every timed train step and each step is reported
+as a fraction of its neighbouring matmul figure.
 
 As a config file (`--config=experiments/bench_lib.py`, the default) this module gives the
 reduced VDM U-Net of the CPU target: 64 channels, 8 blocks per side, 32x32x3, batch 32.
@@ -152,7 +152,11 @@ def build_train(config):
 
 
 def measure_train(config, *, steps: int, budget_s: float, profile: bool = False) -> dict:
-    """Compile time, cost, memory, step time and images/s of the config's train step."""
+    """Compile time, cost, memory, step time and images/s of the config's train step.
+
+    Each timed step is followed by a timed matmul, and the step's fraction of the matmul is
+    taken pair by pair: on a shared machine both drift together, so their ratio holds still.
+    """
     exp, compiled, state, batch, key, compile_s, k = build_train(config)
     holder = [state]
 
@@ -161,19 +165,29 @@ def measure_train(config, *, steps: int, budget_s: float, profile: bool = False)
         holder[0], metrics = compiled(holder[0], batch, key)
         jax.block_until_ready(metrics)
 
-    peak = matmul_flops()
-    step_s, timed = median_time(run, warmup=1, steps=steps, budget_s=budget_s)
     flops = flops_of(compiled)
+    run()  # warm-up
+    times, peaks, end = [], [], time.perf_counter() + budget_s
+    while len(times) < steps and (len(times) < 2 or time.perf_counter() < end):
+        tick = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - tick)
+        peaks.append(matmul_flops(steps=3))
+    step_s, peak = statistics.median(times), statistics.median(peaks)
     images = config.data.batch_size * k
     rec = {
         "compile_s": compile_s,
         "step_s": step_s / k,
-        "steps_timed": timed * k,
+        "steps_timed": len(times) * k,
         "images_per_s": images / step_s,
         "flops_per_step": flops / k if flops else None,
         "achieved_flops": flops / step_s if flops else None,
         "matmul_flops": peak,
-        "fraction_of_matmul": flops / step_s / peak if flops else None,
+        "fraction_of_matmul": (
+            statistics.median([flops / t / p for t, p in zip(times, peaks, strict=True)])
+            if flops
+            else None
+        ),
         "params": int(sum(x.size for x in jax.tree.leaves(holder[0].params))),
         **memory_of(compiled),
     }
@@ -280,14 +294,17 @@ def _category(op_name: str) -> str:
         return "convolution"
     if "dot_general" in op_name:
         return "dense"
-    return "other (norms, activations, optimiser)"
+    if re.search(r"GroupNorm|/norm", op_name):
+        return "group norm"
+    return "other (activations, dropout, loss, optimiser)"
 
 
 def profile_breakdown(compiled, run) -> dict:
-    """Share of device-thread time per op category in one profiled step (CPU thunk events).
+    """Share of op time per category in one profiled step (XLA:CPU thunk events).
 
-    Events are matched to HLO instructions by name and classified by the JAX op that made
-    them: convolutions, attention, other dense layers, and everything else (elementwise).
+    An op's time runs from its event's start to the end of its "end: NAME" event when it has
+    one (convolutions start on the executor thread and finish on an Eigen worker). Ops are
+    matched to HLO instructions by name and classified by the JAX op that made them.
     """
     from jax.profiler import ProfileData
 
@@ -299,12 +316,20 @@ def profile_breakdown(compiled, run) -> dict:
         if not files:
             return {}
         data = ProfileData.from_file(files[0])
-    totals = collections.Counter()
+    start, end = {}, {}
     for plane in data.planes:
         for line in plane.lines:
             for event in line.events:
-                if event.name in names:
-                    totals[_category(names[event.name])] += event.duration_ns
+                name = event.name.removeprefix("end: ")
+                if name not in names:
+                    continue
+                if name == event.name:
+                    start[name] = min(start.get(name, event.start_ns), event.start_ns)
+                stop = event.start_ns + event.duration_ns
+                end[name] = max(end.get(name, stop), stop)
+    totals = collections.Counter()
+    for name, t0 in start.items():
+        totals[_category(names[name])] += end[name] - t0
     whole = sum(totals.values()) or 1
     return {k: v / whole for k, v in totals.most_common()}
 

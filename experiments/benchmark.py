@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from experiments import bench_lib  # noqa: E402
+from vdm import runtime  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file(
@@ -47,11 +48,17 @@ flags.DEFINE_integer("steps", 5, "Timed train steps per variant (after one warm-
 flags.DEFINE_float("budget_s", 30.0, "Stop timing a variant after this long (>= 2 steps).")
 flags.DEFINE_list("samplers", ["ancestral", "ddim", "sde", "pc", "ode_euler"], "Samplers.")
 flags.DEFINE_integer("sample_steps", 10, "Grid steps per sampler.")
-flags.DEFINE_integer("sample_num", 16, "Images per sampler call.")
+flags.DEFINE_integer("sample_num", 8, "Images per sampler call.")
 flags.DEFINE_list("depths", [], "CIFAR-10 depths whose train-step compile time to report.")
 flags.DEFINE_bool("profile", True, "Profile one step of the first variant (time by op kind).")
 flags.DEFINE_bool("ceiling", True, "Time a lone conv and its gradients vs the matmul.")
 flags.DEFINE_string("out", os.path.join(HERE, "results", "benchmark"), "Output path stem.")
+flags.DEFINE_string(
+    "readme",
+    os.path.join(os.path.dirname(HERE), "README.md"),
+    "Markdown file whose performance section (between the benchmark markers) is replaced by "
+    "this run's summary; '' leaves it alone.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -88,10 +95,12 @@ def markdown(record) -> str:
         "# VDM benchmark\n",
         f"{env['date']}; {env['devices']} x {env['device_kind']} ({env['platform']}), "
         f"{env['cpu_count']} host cores, jax {env['jax']}. Config: {record['config_name']} "
-        f"({env['model']}). Medians of block_until_ready-ended steps after a warm-up; FLOPs from "
-        "XLA's cost analysis; 'of matmul' divides by a 2048^2 float32 matmul timed just "
-        "before each row (a shared machine drifts). Scanned variants: XLA counts a loop body "
-        "once, so their FLOPs are the unrolled f32 variant's.\n",
+        f"({env['model']}). Allocator: {env.get('allocator', 'n/a')}; XLA_FLAGS: "
+        f"`{env.get('xla_flags') or 'none'}`. Medians of block_until_ready-ended steps after a "
+        "warm-up; FLOPs from XLA's cost analysis; 'of matmul' is the median over steps of the "
+        "step's FLOP/s divided by that of a 2048^2 float32 matmul timed right after it (a "
+        "shared machine drifts). Scanned variants: XLA counts a loop body once, so their FLOPs "
+        "are the unrolled f32 variant's.\n",
         f"Command: `{record['command']}`\n",
         "## Train step\n",
         train_table(record["train"]),
@@ -165,6 +174,8 @@ def main(argv):
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
             "jax": jax.__version__,
+            "allocator": runtime.loaded_allocator(),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "model": f"{m.type} n_embd={m.n_embd} n_layers={m.n_layers}, "
             f"data {config.data.name} batch {config.data.batch_size}",
         },
@@ -224,6 +235,58 @@ def main(argv):
     with open(FLAGS.out + ".md", "w") as f:
         f.write(table)
     print(table)
+    if FLAGS.readme:
+        update_readme(FLAGS.readme, readme_section(record))
+        print(f"Updated the performance section of {FLAGS.readme}.")
+
+
+README_START = "<!-- benchmark.py: start -->"
+README_END = "<!-- benchmark.py: end -->"
+
+
+def readme_section(record) -> str:
+    """The README's performance summary: machine, train-step table, eval and sampling."""
+    env = record["environment"]
+    lines = [
+        f"Measured by `{record['command']}` on {env['date'][:10]}: {env['devices']} x "
+        f"{env['device_kind']} ({env['platform']}, {env['cpu_count']} host cores, "
+        f"{env['machine']}), jax {env['jax']}, {env.get('allocator', 'n/a')} allocator; "
+        f"{env['model']}. Full record: `experiments/results/benchmark.md`.\n",
+        "| variant | compile (s) | step (ms) | images/s | GFLOP/s | of matmul | temp MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in record["train"].items():
+        lines.append(
+            f"| {name} | {r['compile_s']:.1f} | {1e3 * r['step_s']:.0f} | "
+            f"{r['images_per_s']:.1f} | {_fmt(r['achieved_flops'], 1e-9)} | "
+            f"{_fmt(r['fraction_of_matmul'], 100, 0, '%')} | {_mib(r.get('temp_bytes'))} |"
+        )
+    for name, r in record.get("compiled", {}).items():
+        lines.append(
+            f"| {name} (compiled only) | {r['compile_s']:.1f} | | | | | "
+            f"{_mib(r.get('temp_bytes'))} |"
+        )
+    if record.get("eval"):
+        lines.append(f"\nELBO evaluation: {record['eval']['images_per_s']:.1f} images/s.")
+    if record.get("samplers"):
+        rates = ", ".join(
+            f"{k} {v['images_per_s']:.2f} ({v['steps']} steps)"
+            for k, v in record["samplers"].items()
+        )
+        lines.append(f"Sampling, images/s: {rates}.")
+    return "\n".join(lines)
+
+
+def update_readme(path: str, section: str) -> None:
+    """Replaces the text between README_START and README_END in `path` with `section`."""
+    with open(path) as f:
+        text = f.read()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{path} has no {README_START} ... {README_END} markers to replace.")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{README_START}\n{section}\n{README_END}{tail}")
 
 
 def _rescale_flops(rec: dict, flops: float | None) -> None:
@@ -242,4 +305,7 @@ def _config_arg() -> str:
 
 
 if __name__ == "__main__":
+    from vdm import runtime
+
+    runtime.setup()  # tcmalloc and XLA:CPU flags, as `python -m vdm.main` runs
     app.run(main)

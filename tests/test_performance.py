@@ -19,6 +19,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import train_helpers as th
 
 from vdm import sharding
@@ -151,3 +152,33 @@ def test_benchmark_cost_and_memory_queries():
     assert batch["x"].shape == (8, 8, 8, 1) and batch["x"].dtype == np.uint8
     placed = sharding.global_batch(batch, exp.mesh)
     assert placed["x"].shape == (8, 8, 8, 1)
+
+
+def test_benchmark_train_measurement_and_profile_see_the_convolutions():
+    sys.path.insert(0, str(th.REPO))
+    from experiments import bench_lib
+
+    rec, _, _ = bench_lib.measure_train(th.load_config(**UNET), steps=2, budget_s=0.0, profile=True)
+    assert rec["steps_timed"] == 2 and rec["step_s"] > 0
+    assert 0 < rec["fraction_of_matmul"] < 2 and rec["matmul_flops"] > 1e8
+    shares = rec["time_breakdown"]
+    assert abs(sum(shares.values()) - 1) < 1e-6
+    # Convolutions finish on worker threads ("end: NAME" events): they must be counted.
+    assert shares.get("convolution", 0) > 0.05, shares
+    assert "group norm" in shares and "attention" in shares
+
+
+def test_benchmark_rewrites_only_the_readme_section(tmp_path):
+    sys.path.insert(0, str(th.REPO))
+    from experiments import benchmark
+
+    readme = tmp_path / "README.md"
+    start, end = benchmark.README_START, benchmark.README_END
+    readme.write_text(f"# Title\n\nbefore\n{start}\nold table\n{end}\nafter\n")
+    benchmark.update_readme(str(readme), "| new | table |")
+    assert readme.read_text() == f"# Title\n\nbefore\n{start}\n| new | table |\n{end}\nafter\n"
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no <!-- benchmark.py: start -->"):
+        benchmark.update_readme(str(plain), "x")
+    assert plain.read_text() == "no markers\n"

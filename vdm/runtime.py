@@ -6,7 +6,7 @@ GPU or TPU they change nothing that matters there.
 1. jaxlib 0.10.2's XLA:CPU hands convolutions to YNNPACK ("individual_convolution" fusions),
    which runs the U-Net's 3x3 convolutions at about half the speed of a dense matmul. Taking
    that one fusion type out (`-individual_convolution`) keeps YNNPACK's dots and reductions and
-   lets XLA's own convolution run them at about 90% (forward, input gradient) and 74% (kernel
+   lets XLA's own convolution run them at 90-95% (forward, input gradient) and 50-74% (kernel
    gradient) of a matmul. XLA aborts the process on a flag it does not know, so the flag is only
    added for jaxlib versions where it was measured.
 

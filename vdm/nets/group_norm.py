@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 
 def _moments(x, num_groups):
-    # Per-(example, group) mean and 1/std of float32 x [B, ..., C], reduced in two stages.
+    # Per-(example, group) mean and variance of float32 x [B, ..., C], reduced in two stages.
     batch, channels = x.shape[0], x.shape[-1]
     axes = tuple(range(1, x.ndim - 1))
     per_group = (batch, num_groups, channels // num_groups)
@@ -38,21 +38,17 @@ def _per_channel(s, x_shape, num_groups):
     return jnp.repeat(s, x_shape[-1] // num_groups, axis=-1).reshape(out)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _normalize(x, scale, bias, num_groups, epsilon):
-    mean, var = _moments(x, num_groups)
-    inv = jax.lax.rsqrt(var + epsilon)
-    return (x - _per_channel(mean, x.shape, num_groups)) * (
-        _per_channel(inv, x.shape, num_groups) * scale
-    ) + bias
-
-
 def _normalize_fwd(x, scale, bias, num_groups, epsilon):
     mean, var = _moments(x, num_groups)
     inv = jax.lax.rsqrt(var + epsilon)
     mean_c = _per_channel(mean, x.shape, num_groups)
     inv_c = _per_channel(inv, x.shape, num_groups)
     return (x - mean_c) * (inv_c * scale) + bias, (x, scale, mean, inv)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _normalize(x, scale, bias, num_groups, epsilon):
+    return _normalize_fwd(x, scale, bias, num_groups, epsilon)[0]
 
 
 def _normalize_bwd(num_groups, epsilon, residuals, g):

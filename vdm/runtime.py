@@ -23,8 +23,6 @@ Opt out with VDM_XLA_CPU_FLAGS=0 and VDM_ALLOCATOR=system.
 import os
 import sys
 
-from absl import logging
-
 # The flag, and the jaxlib versions on which it was measured to help (and exists).
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 YNN_FLAG_VERSIONS = ("0.10.2",)
@@ -134,5 +132,3 @@ def setup(*, reexec: bool = True) -> None:
     if reexec:
         reexec_with_allocator()
     configure_xla()
-    if os.environ.get(_REEXEC_MARK):
-        logging.info("Running with %s preloaded.", os.environ.get("LD_PRELOAD"))

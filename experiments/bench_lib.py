@@ -22,7 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import optim, samplers, sharding, train
+from vdm import optim, parallel as sharding
+from vdm.sampling import samplers
+from vdm.run import loop as train
 from vdm.config_defaults import base_config, finalize
 from vdm.experiment import Experiment
 

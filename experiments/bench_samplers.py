@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import oracles, samplers, schedules
+from vdm.core import oracles, schedules
+from vdm.sampling import samplers
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCHEDULE = schedules.fixed_linear(-13.3, 10.0)

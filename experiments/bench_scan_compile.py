@@ -34,7 +34,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "s
 def build(n_layers: int, n_embd: int, scan: bool):
     cfg = base_config().model
     cfg.update(n_layers=n_layers, n_embd=n_embd, norm_groups=8, dropout=0.1, scan=scan)
-    return nets.build_model(cfg, gamma_min=-13.3, gamma_max=5.0)
+    return nets.build_network(cfg, gamma_min=-13.3, gamma_max=5.0)
 
 
 def random_params(model, z, gamma_t, seed: int = 0):

@@ -36,7 +36,7 @@ from absl import flags
 from ml_collections import config_flags
 from sweep_report import to_csv, to_markdown  # next to this file
 
-from vdm import logging_utils
+from vdm.run import logs as logging_utils
 
 SWEEP_RECORD = "sweep.json"
 

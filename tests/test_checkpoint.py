@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import train_helpers as th
 
-from vdm.checkpoint import CheckpointError, Checkpoints
+from vdm.run.checkpoint import CheckpointError, Checkpoints
 
 NUM_STEPS = 300
 RUN = dict(

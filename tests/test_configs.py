@@ -57,7 +57,7 @@ def parse_flags(*args):
 
 def param_count(config) -> int:
     info = data.get_info(config.data)
-    model = nets.build_model(
+    model = nets.build_network(
         config.model, gamma_min=config.schedule.gamma_min, gamma_max=config.schedule.gamma_max
     )
     z = jnp.zeros((1, *info.shape))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm import diffusion, oracles
+from vdm.core import diffusion, oracles
 
 getcontext().prec = 50
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import norm
 
-from vdm import decoder, diffusion, likelihood, losses, oracles, schedules
+from vdm.core import decoder, diffusion, losses, oracles, schedules
+from vdm.sampling import likelihood
 
 SCHEDULE = schedules.fixed_linear(-13.3, 5.0)
 MU = np.array([0.5, -0.3, 0.2])

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm import decoder, diffusion, losses, oracles, schedules
+from vdm.core import decoder, diffusion, losses, oracles, schedules
 
 MU = np.array([0.5, -1.0, 0.0, 2.0])
 VAR = np.array([0.01, 0.25, 1.0, 4.0])

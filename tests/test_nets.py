@@ -41,7 +41,7 @@ def tiny_config(kind: str, **overrides):
 
 def build(kind: str, **overrides):
     cfg = tiny_config(kind, **overrides)
-    return nets.build_model(cfg, gamma_min=GAMMA_MIN, gamma_max=GAMMA_MAX)
+    return nets.build_network(cfg, gamma_min=GAMMA_MIN, gamma_max=GAMMA_MAX)
 
 
 def inputs(kind: str, seed: int = 0):
@@ -83,7 +83,7 @@ def test_cifar10_config_has_published_parameter_count():
     z, gamma_t = jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,))
     for scan in (False, True):
         cfg.scan = scan
-        model = nets.build_model(cfg, gamma_min=GAMMA_MIN, gamma_max=GAMMA_MAX)
+        model = nets.build_network(cfg, gamma_min=GAMMA_MIN, gamma_max=GAMMA_MAX)
         assert nets.count_params(param_shapes(model, z, gamma_t)) == CIFAR10_VDM_PARAMS
     assert abs(CIFAR10_VDM_PARAMS / 30.58e6 - 1) < 0.01
 
@@ -304,9 +304,9 @@ def test_block_stack_draws_independent_params_and_dropout_per_block(scan):
         assert not np.array_equal(masks[i], masks[j])
 
 
-def test_build_model_rejects_bad_configs():
+def test_build_network_rejects_bad_configs():
     with pytest.raises(ValueError, match="Unknown model type"):
-        nets.build_model(tiny_config("transformer"), gamma_min=GAMMA_MIN, gamma_max=GAMMA_MAX)
+        nets.build_network(tiny_config("transformer"), gamma_min=GAMMA_MIN, gamma_max=GAMMA_MAX)
     with pytest.raises(ValueError, match="dtype"):
         build("mlp", dtype="float16")
     with pytest.raises(ValueError, match="scan"):

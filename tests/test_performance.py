@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import train_helpers as th
 
-from vdm import sharding
+from vdm import parallel as sharding
 from vdm.experiment import Experiment
 
 # A two-block VDM U-Net on the 8x8 digits: convolutions, GroupNorm and attention, compiled in
@@ -83,7 +83,8 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, sys.argv[1])
 import train_helpers as th
-from vdm import optim, sharding, train
+from vdm import optim, parallel as sharding
+from vdm.run import loop as train
 from vdm.experiment import Experiment
 
 assert jax.device_count() == 4, jax.devices()

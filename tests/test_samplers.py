@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm import diffusion, guidance, ode, oracles, sampler_base, samplers, schedules
+from vdm.core import diffusion, guidance, oracles, schedules
+from vdm.sampling import ode, samplers
+from vdm.sampling.model import eps_model
 
 MU = np.array([0.5, -0.3, 0.2])
 VAR = np.array([0.6, 1.2, 0.3])
@@ -93,7 +95,7 @@ def test_ode_matches_exact_flow_for_any_schedule():
 def test_ode_round_trip_returns_start():
     """Data -> noise -> data along the PF-ODE comes back to the start."""
     den = oracles.gaussian_eps(MU, COV)
-    model = sampler_base.build_model(den, SCHEDULE, {})
+    model = eps_model(den, SCHEDULE, {})
     x = MU + np.random.default_rng(3).normal(size=(32, 3)) @ np.linalg.cholesky(COV).T
     x = jnp.asarray(x, jnp.float32)
     z0 = diffusion.q_sample(x, jnp.full((32,), -13.3), jnp.zeros_like(x))
@@ -124,13 +126,13 @@ def test_ddim_eta_one_is_ancestral_and_parameterisations_agree():
     np.testing.assert_allclose(ddim1, ref, atol=1e-4)
     # Samplers see the network only through Model.eps, so equal eps means equal samples.
     z = jax.random.normal(key, shape)
-    want = sampler_base.build_model(GAUSS, SCHEDULE, {}).eps(z, 0.3)
+    want = eps_model(GAUSS, SCHEDULE, {}).eps(z, 0.3)
     for kind in ("x", "v", "score"):
 
         def den(z, g, c, kind=kind):
             return diffusion.from_eps(GAUSS(z, g, c), z, g, kind)
 
-        model = sampler_base.build_model(den, SCHEDULE, {}, parameterization=kind)
+        model = eps_model(den, SCHEDULE, {}, parameterization=kind)
         np.testing.assert_allclose(model.eps(z, 0.3), want, atol=1e-4)
 
 

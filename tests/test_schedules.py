@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vdm import schedules
+from vdm.core import schedules
 
 G_MIN, G_MAX = -13.3, 5.0
 N_FEATURES = 32  # small net: these tests are about structure, not width
@@ -202,16 +202,18 @@ def test_gamma_broadcasts_over_any_shape():
         np.testing.assert_allclose(g, scalar, rtol=1e-6)
 
 
-def test_get_schedule_from_config():
+def test_build_schedule_by_name():
     for kind in schedules.SCHEDULES:
-        cfg = {"type": kind, "gamma_min": -10.0, "gamma_max": 6.0, "pin_endpoints": True}
-        schedule = schedules.get_schedule(cfg)
+        opts = {"pin_endpoints": True} if kind == "learned_net" else {}
+        schedule = schedules.build_schedule(kind, opts, gamma_min=-10.0, gamma_max=6.0)
         params = schedule.init(jax.random.PRNGKey(0))
         g0, g1 = jax.jit(schedules.endpoints, static_argnums=0)(schedule, params)
         np.testing.assert_allclose([g0, g1], [-10.0, 6.0], atol=1e-4)
-    net = schedules.get_schedule(
-        {"type": "learned_net", "gamma_min": -1.0, "gamma_max": 1.0, "n_features": 8}
+    net = schedules.build_schedule(
+        "learned_net", {"n_features": 8}, gamma_min=-1.0, gamma_max=1.0
     )
     assert net.init(jax.random.PRNGKey(0))["l2_w"].shape == (8,)
     with pytest.raises(ValueError, match="Unknown schedule"):
-        schedules.get_schedule({"type": "nope", "gamma_min": 0.0, "gamma_max": 1.0})
+        schedules.build_schedule("nope", gamma_min=0.0, gamma_max=1.0)
+    with pytest.raises(ValueError, match="unknown options n_feature"):
+        schedules.build_schedule("learned_net", {"n_feature": 8}, gamma_min=0.0, gamma_max=1.0)

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from vdm import guidance, likelihood, losses, oracles, samplers, schedules
+from vdm.core import guidance, losses, oracles, schedules
+from vdm.sampling import likelihood, samplers
 
 assert jax.device_count() == 4, jax.devices()
 shardings = [

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import train_helpers as th
 
-from vdm import optim, outputs, sharding
-from vdm.checkpoint import Checkpoints
+from vdm import optim, parallel as sharding
+from vdm.run import pictures as outputs
+from vdm.run.checkpoint import Checkpoints
 from vdm.experiment import Experiment
 
 
@@ -46,7 +47,7 @@ def test_warmup_and_ema_decay():
 
 
 def _tiny_setup(**extra):
-    from vdm import train
+    from vdm.run import loop as train
 
     config = th.load_config(**extra)
     exp = Experiment.build(config)
@@ -58,7 +59,7 @@ def _tiny_setup(**extra):
 
 
 def test_train_step_refuses_non_finite_update():
-    from vdm import train
+    from vdm.run import loop as train
 
     _, exp, optimizer, state, batches = _tiny_setup()
     step = jax.jit(train.make_train_step(exp, optimizer, fail_at_step=2))
@@ -79,7 +80,7 @@ def test_train_step_refuses_non_finite_update():
 
 
 def test_steps_per_call_and_accumulation_run_the_same_objective():
-    from vdm import train
+    from vdm.run import loop as train
 
     _, exp, optimizer, state, batches = _tiny_setup()
     local = [next(batches) for _ in range(2)]
@@ -102,7 +103,7 @@ def test_steps_per_call_and_accumulation_run_the_same_objective():
 
 
 def test_nan_stops_training_and_last_checkpoint_stays_valid(tmp_path):
-    from vdm import train
+    from vdm.run import loop as train
 
     config = th.load_config(train__num_steps=8, train__ckpt_every=2, train__eval_every=100)
     with pytest.raises(train.NonFiniteError, match=r"step 5.*checkpoints/4 \(step 4\)"):
@@ -119,7 +120,7 @@ def test_nan_stops_training_and_last_checkpoint_stays_valid(tmp_path):
 
 
 def test_sigterm_sets_preemption_flag():
-    from vdm import train
+    from vdm.run import loop as train
 
     flag = train.PreemptionFlag()
     try:

@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from vdm import losses, oracles, schedules
-from vdm.variance_grad import variance_gradient
+from vdm.core import losses, oracles, schedules
+from vdm.core.variance_grad import variance_gradient
 
 MU = jnp.array([0.5, -1.0, 0.0, 2.0])
 VAR = jnp.array([0.01, 0.25, 1.0, 4.0])

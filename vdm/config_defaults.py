@@ -3,9 +3,35 @@
 Keeping every key here (rather than letting experiment files invent keys) is what makes a
 misspelt `--config.a.b=value` override fail: the returned ConfigDict is locked, so unknown
 keys raise instead of silently creating a new field.
+
+Where a concept has a registry (datasets, schedules, loss weightings, optimisers, samplers),
+one key selects the part (data.name, schedule.type, loss.weighting, optim.name,
+sample.sampler) and every registered part with options gets its own typed sub-dict, made
+from the defaults in its signature: `config.sample.ode.rtol`, `config.optim.adamw.b1`,
+`config.schedule.learned_net.n_features`, ... So a part registered anywhere (even in a test)
+has its options in the schema without this file being edited.
 """
 
 import ml_collections
+
+from vdm import data, optim
+from vdm.core import losses, schedules
+from vdm.registry import Registry
+from vdm.sampling import samplers
+
+
+def add_part_options(node: ml_collections.ConfigDict, registry: Registry) -> None:
+    """Adds `node.<part>` = ConfigDict(options with defaults) for each part that has options.
+
+    Args:
+      node: the concept's config node (e.g. config.sample).
+      registry: the concept's registry.
+    """
+    for name, options in registry.defaults().items():
+        if options:
+            if name in node:
+                raise ValueError(f"{registry.concept} {name!r} clashes with config key {name!r}.")
+            node[name] = ml_collections.ConfigDict(options)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -21,16 +47,14 @@ def base_config() -> ml_collections.ConfigDict:
     # Data: see vdm/data. Shape, vocab_size and num_classes are filled from the dataset
     # when left at their "infer" value (None / -1), so a config cannot disagree with its data.
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # digits|mnist|cifar10|imagenet32|imagenet64|gaussian|mixture2d|swirl
+    c.data.name = "digits"  # a vdm.data.DATASETS name: digits|mnist|cifar10|imagenet32|...
     c.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir
     c.data.batch_size = 64  # global batch, split over all devices and processes
     c.data.eval_batch_size = 256
     c.data.augment = False  # paper's flips + 90-degree rotations; flag fed as conditioning
-    c.data.dim = 2  # dimension for the gaussian dataset
-    c.data.num_train = 50_000  # size of synthetic datasets
-    c.data.num_eval = 10_000
     c.data.prefetch = 2  # batches the TFDS pipeline prepares ahead
     c.data.shuffle_buffer = 50_000  # TFDS per-epoch shuffle buffer (examples)
+    add_part_options(c.data, data.DATASETS)  # e.g. data.gaussian.dim, data.swirl.num_train
 
     # Score network: see vdm/nets.
     c.model = ml_collections.ConfigDict()
@@ -59,31 +83,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule.type = "learned_linear"  # fixed_linear|learned_linear|learned_net|cosine|ddpm
     c.schedule.gamma_min = -13.3
     c.schedule.gamma_max = 5.0
-    c.schedule.pin_endpoints = False  # learned_net: gamma(0), gamma(1) held at min/max
-    c.schedule.n_features = 1024  # learned_net hidden width
     c.schedule.grad = "elbo"  # elbo|variance: variance = paper's variance-minimising rule
+    # schedule.learned_net.{n_features, pin_endpoints}, schedule.ddpm.beta_min:
+    add_part_options(c.schedule, schedules.SCHEDULES)
 
     # Training objective: see vdm/losses.py. The ELBO is always reported.
     c.loss = ml_collections.ConfigDict()
     c.loss.type = "elbo"  # elbo|simple (DDPM eps-MSE)|weighted
     c.loss.weighting = "none"  # for loss.type=weighted: none|sigmoid (name in losses.WEIGHTINGS)
+    add_part_options(c.loss, losses.WEIGHTINGS)  # loss.sigmoid.bias
     c.loss.timesteps = 0  # T; 0 = continuous time
     c.loss.antithetic = True  # low-discrepancy t over the global batch
 
-    # Optimiser: AdamW with linear warm-up, paper values.
+    # Optimiser: AdamW with linear warm-up, paper values (optim.adamw.{b1, b2, eps,
+    # weight_decay} default to 0.9, 0.99, 1e-8, 0.01).
     c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"  # a vdm.optim.OPTIMIZERS name: adamw|adam|lamb|sgd
     c.optim.learning_rate = 2e-4
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.99
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.01
     c.optim.warmup_steps = 100
     c.optim.grad_clip = 0.0  # global-norm clipping; 0 = off (paper)
     c.optim.ema_rate = 0.9999
     c.optim.ema_warmup = False  # EMA decay min(rate, (1 + step) / (10 + step))
     c.optim.accum_steps = 1  # gradient accumulation micro-steps per update
+    add_part_options(c.optim, optim.OPTIMIZERS)
 
-    # Train loop: see vdm/train.py.
+    # Train loop: see vdm/run/loop.py.
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 2000
     c.train.log_every = 50
@@ -93,6 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps_per_call = 1  # >1: lax.scan over k batches per host call
     c.train.fsdp = 1  # size of the parameter-sharding mesh axis; 1 = pure data parallel
     c.train.write_samples = True
+    c.train.profile_steps = 0  # >0: clu Profile traces this many steps (TensorBoard profile)
 
     # Evaluation: full-split ELBO bits/dim, deterministic.
     c.eval = ml_collections.ConfigDict()
@@ -102,12 +127,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Sampling (--mode=sample and the end-of-training grid).
     c.sample = ml_collections.ConfigDict()
-    c.sample.sampler = "ancestral"  # ancestral|ddpm|ddim|sde|pc|ode|langevin
+    c.sample.sampler = "ancestral"  # a SAMPLERS name: ancestral|ddpm|ddim|sde|pc|ode|langevin
     c.sample.steps = 1000
     c.sample.num = 64
     c.sample.guidance = 0.0  # classifier-free guidance weight w
-    c.sample.eta = 0.0  # DDIM
     c.sample.label = -1  # class to sample for guided models (-1: cycle over classes)
+    # Each sampler's options: sample.ddim.eta, sample.ode.{solver, rtol, atol, ...}, ...
+    add_part_options(c.sample, samplers.SAMPLERS)
     return c
 
 

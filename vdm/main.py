@@ -42,21 +42,24 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from vdm import logging_utils, sharding  # no JAX backend may start before distributed init
+    # No JAX backend may start before the distributed initialisation.
+    from vdm import parallel
+    from vdm.run import logs
 
-    logging_utils.quiet_library_logs()
-    sharding.initialize_distributed(
+    logs.quiet_library_logs()
+    parallel.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
-    from vdm import modes, train
+    from vdm.run import evaluate, loop, sample
+    from vdm.run.setup import build_run
 
-    config = FLAGS.config
+    run = build_run(FLAGS.config)  # the one place a config becomes a run
     if FLAGS.mode == "train":
-        train.train_and_evaluate(config, FLAGS.workdir, tensorboard=FLAGS.tensorboard)
+        loop.train(run, FLAGS.workdir, tensorboard=FLAGS.tensorboard)
     elif FLAGS.mode == "eval":
-        modes.evaluate_checkpoint(config, FLAGS.workdir)
+        evaluate.evaluate_checkpoint(run, FLAGS.workdir)
     else:
-        modes.sample_checkpoint(config, FLAGS.workdir)
+        sample.sample_checkpoint(run, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -79,38 +79,43 @@ def _options():
     return options
 
 
-def train_batches(name, info, cfg, *, seed, start_step, process_index, process_count):
-    """Endless local training batches (numpy dicts) from `start_step` on."""
+def train_batches(
+    name, info, *, batch_size, data_dir, shuffle_buffer, prefetch, seed, start_step,
+    process_index, process_count,
+):  # fmt: skip
+    """Endless local training batches (numpy dicts) of a global `batch_size` from `start_step`."""
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
     tf.config.set_visible_devices([], "GPU")  # input pipelines never take accelerator memory
-    builder = _builder(name, cfg.data_dir)
+    builder = _builder(name, data_dir)
     split = tfds.even_splits(SOURCES[name][1], n=process_count, drop_remainder=True)
-    share = _read(builder, split[process_index], cfg.data_dir)
+    share = _read(builder, split[process_index], data_dir)
     share = share.map(_to_example(info.shape, info.num_classes > 0))
     n_local = int(share.cardinality())
-    local = cfg.batch_size // process_count
+    local = batch_size // process_count
     if n_local < local:
-        raise ValueError(f"data.batch_size={cfg.batch_size} exceeds the training set.")
+        raise ValueError(f"data.batch_size={batch_size} exceeds the training set.")
     first_example = start_step * local
     first_epoch = first_example // n_local
 
     def epoch(e):
         # A tensor seed derived from (seed, epoch): every epoch gets its own fixed order.
         return share.shuffle(
-            min(cfg.shuffle_buffer, n_local),
+            min(shuffle_buffer, n_local),
             seed=seed * 1_000_003 + e,
             reshuffle_each_iteration=False,
         )
 
     epochs = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
     ds = epochs.skip(first_example - first_epoch * n_local).batch(local, drop_remainder=True)
-    ds = ds.with_options(_options()).prefetch(max(cfg.prefetch, 1))
+    ds = ds.with_options(_options()).prefetch(max(prefetch, 1))
     yield from tfds.as_numpy(ds)
 
 
-def eval_batches(name, info, cfg, *, batch_size, process_index, process_count, max_examples):
+def eval_batches(
+    name, info, *, data_dir, prefetch, batch_size, process_index, process_count, max_examples
+):
     """The eval split once, this process's share, as padded batches with a 'mask'.
 
     Every process yields ceil(ceil(N / P) / b) batches (its share has floor or ceil of N / P
@@ -118,15 +123,15 @@ def eval_batches(name, info, cfg, *, batch_size, process_index, process_count, m
     """
     import tensorflow_datasets as tfds
 
-    builder = _builder(name, cfg.data_dir)
+    builder = _builder(name, data_dir)
     split = SOURCES[name][2]
-    n = int(_read(builder, split, cfg.data_dir).cardinality())
+    n = int(_read(builder, split, data_dir).cardinality())
     if max_examples >= 0 and max_examples < n:
         split, n = f"{split}[:{max_examples}]", max_examples
     num_batches = math.ceil(math.ceil(n / process_count) / batch_size)
-    share = _read(builder, tfds.even_splits(split, n=process_count)[process_index], cfg.data_dir)
+    share = _read(builder, tfds.even_splits(split, n=process_count)[process_index], data_dir)
     share = share.map(_to_example(info.shape, info.num_classes > 0)).with_options(_options())
-    batches = tfds.as_numpy(share.batch(batch_size).prefetch(max(cfg.prefetch, 1)))
+    batches = tfds.as_numpy(share.batch(batch_size).prefetch(max(prefetch, 1)))
     template = {"x": np.zeros((batch_size, *info.shape), np.uint8)}
     if info.num_classes > 0:
         template["label"] = np.zeros((batch_size,), np.int32)

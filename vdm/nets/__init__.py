@@ -1,4 +1,4 @@
-"""Score networks: `build_model(config.model, gamma_min=..., gamma_max=...)`.
+"""Score networks: `build_network(config.model, gamma_min=..., gamma_max=...)`.
 
 Every model is a linen Module called as `model.apply(variables, z, gamma_t, cond, train=...)`
 with z [B, H, W, C] (U-Nets) or [B, D] (MLP), gamma_t [B] or a scalar, and cond None or a dict
@@ -35,7 +35,7 @@ SCANNED_STACKS: dict[str, tuple[str, ...]] = {
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-def build_model(model_config, *, gamma_min: float, gamma_max: float) -> nn.Module:
+def build_network(model_config, *, gamma_min: float, gamma_max: float) -> nn.Module:
     """Builds the score network that `model_config.type` names.
 
     Each model class declares its fields under the same names as the config.model keys, so

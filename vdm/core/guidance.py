@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from vdm import decoder, diffusion, oracles
+from vdm.core import decoder, diffusion, oracles
 
 
 def null_condition(cond, num_classes: int | None):
@@ -113,7 +113,7 @@ def classifier_guided(
             return jnp.sum(_label_log_prob(classifier_fn, zz, gamma, label, cond))
 
         grad = jax.grad(total_log_prob)(z)
-        _, sigma = diffusion.alpha_sigma(diffusion._bcast(gamma, z))
+        _, sigma = diffusion.alpha_sigma(diffusion.broadcast(gamma, z))
         return eps - sigma * scale * grad
 
     return denoise

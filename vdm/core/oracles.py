@@ -16,7 +16,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from vdm.diffusion import alpha_sigma
+from vdm.core.diffusion import alpha_sigma
 
 
 def gaussian_eps(mean, cov):

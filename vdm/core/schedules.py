@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from vdm.registry import Registry
+
 Params = dict[str, Any]
 
 
@@ -166,30 +168,22 @@ def ddpm(gamma_min: float = -13.3, gamma_max: float = 5.0, beta_min: float = 0.1
     return Schedule("ddpm", lambda key: {}, gamma)
 
 
-SCHEDULES = {
-    "fixed_linear": fixed_linear,
-    "learned_linear": learned_linear,
-    "learned_net": learned_net,
-    "cosine": cosine,
-    "ddpm": ddpm,
-}
+# gamma_min / gamma_max are every schedule's endpoints (config.schedule.gamma_min/max); any
+# other keyword of a factory is that schedule's option (config.schedule.<name>.<option>).
+SCHEDULES = Registry("schedule", context=("gamma_min", "gamma_max"))
+for _factory in (fixed_linear, learned_linear, learned_net, cosine, ddpm):
+    SCHEDULES.register(_factory.__name__, _factory)
 
 
-def get_schedule(schedule_config) -> Schedule:
-    """Builds the schedule named by `config.schedule` (type, gamma_min, gamma_max, ...).
+def build_schedule(name: str, options=None, *, gamma_min: float, gamma_max: float) -> Schedule:
+    """Builds the registered schedule `name`.
 
     Args:
-      schedule_config: a ConfigDict/mapping with `type`, `gamma_min`, `gamma_max` and, for
-        learned_net, `n_features` and `pin_endpoints`.
+      name: a SCHEDULES name (fixed_linear|learned_linear|learned_net|cosine|ddpm|...).
+      options: that schedule's own options (e.g. learned_net's n_features, pin_endpoints).
+      gamma_min, gamma_max: the endpoints gamma(0), gamma(1) at initialisation.
 
     Returns:
       A Schedule.
     """
-    kind = schedule_config["type"]
-    if kind not in SCHEDULES:
-        raise ValueError(f"Unknown schedule type {kind!r}; choose one of {sorted(SCHEDULES)}.")
-    kwargs = {"gamma_min": schedule_config["gamma_min"], "gamma_max": schedule_config["gamma_max"]}
-    if kind == "learned_net":
-        kwargs["n_features"] = schedule_config.get("n_features", 1024)
-        kwargs["pin_endpoints"] = schedule_config.get("pin_endpoints", False)
-    return SCHEDULES[kind](**kwargs)
+    return SCHEDULES.build(name, options, gamma_min=gamma_min, gamma_max=gamma_max)

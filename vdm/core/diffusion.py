@@ -17,7 +17,7 @@ import jax.numpy as jnp
 PARAMETERIZATIONS = ("eps", "x", "v", "score")
 
 
-def _bcast(g, like):
+def broadcast(g, like):
     """Broadcasts per-example gamma [B] against a batch [B, ...]."""
     g = jnp.asarray(g)
     g = g.reshape(g.shape + (1,) * (jnp.ndim(like) - g.ndim))
@@ -35,7 +35,7 @@ def alpha_sigma(gamma):
 def q_sample(x, gamma, eps):
     """Draws z ~ q(z_t | x) given the noise: alpha x + sigma eps (gamma per example)."""
     chex.assert_equal_shape([x, eps])
-    alpha, sigma = alpha_sigma(_bcast(gamma, x))
+    alpha, sigma = alpha_sigma(broadcast(gamma, x))
     return alpha * x + sigma * eps
 
 
@@ -61,7 +61,7 @@ def posterior(x, z_t, gamma_s, gamma_t):
       (mean, variance), variance broadcastable against mean.
     """
     chex.assert_equal_shape([x, z_t])
-    gs, gt = _bcast(gamma_s, z_t), _bcast(gamma_t, z_t)
+    gs, gt = broadcast(gamma_s, z_t), broadcast(gamma_t, z_t)
     c = -jnp.expm1(gs - gt)
     alpha_s, sigma_s = alpha_sigma(gs)
     alpha_t, _ = alpha_sigma(gt)
@@ -75,7 +75,7 @@ def posterior_from_eps(eps_hat, z_t, gamma_s, gamma_t):
     mean = (alpha_s / alpha_t) (z_t - sigma_t c eps_hat), variance = sigma_s^2 c.
     """
     chex.assert_equal_shape([eps_hat, z_t])
-    gs, gt = _bcast(gamma_s, z_t), _bcast(gamma_t, z_t)
+    gs, gt = broadcast(gamma_s, z_t), broadcast(gamma_t, z_t)
     c = -jnp.expm1(gs - gt)
     alpha_s, sigma_s = alpha_sigma(gs)
     alpha_t, sigma_t = alpha_sigma(gt)
@@ -85,7 +85,7 @@ def posterior_from_eps(eps_hat, z_t, gamma_s, gamma_t):
 def to_eps(pred, z, gamma, parameterization: str):
     """Converts a prediction of kind `parameterization` into the implied eps prediction."""
     chex.assert_equal_shape([pred, z])
-    alpha, sigma = alpha_sigma(_bcast(gamma, z))
+    alpha, sigma = alpha_sigma(broadcast(gamma, z))
     if parameterization == "eps":
         return pred
     if parameterization == "x":
@@ -101,7 +101,7 @@ def to_eps(pred, z, gamma, parameterization: str):
 def from_eps(eps, z, gamma, parameterization: str):
     """Converts an eps prediction into the `parameterization` one (inverse of `to_eps`)."""
     chex.assert_equal_shape([eps, z])
-    alpha, sigma = alpha_sigma(_bcast(gamma, z))
+    alpha, sigma = alpha_sigma(broadcast(gamma, z))
     if parameterization == "eps":
         return eps
     if parameterization == "x":

@@ -11,12 +11,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on training machines
 
-import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from vdm import logging_utils  # noqa: E402
 
 
 def to_uint8(samples, vocab_size: int | None) -> np.ndarray:
@@ -106,49 +103,3 @@ def save_schedule_plot(path, t, gamma, *, title: str = "learned noise schedule")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def write_final(exp, params, workdir, step: int, logger, metrics: dict) -> dict:
-    """End-of-training outputs: sample grid, schedule plot, DONE; prints where they are.
-
-    Args:
-      exp: the Experiment.
-      params: the parameters to sample from (EMA normally).
-      workdir: run directory.
-      step: the final step.
-      logger: the run's MetricLogger (for wall time and TensorBoard images).
-      metrics: the final eval metrics, to print.
-
-    Returns:
-      Dict of output name -> path.
-    """
-    workdir = str(workdir)
-    paths = {
-        "metrics": f"{workdir}/{logging_utils.METRICS_FILE}",
-        "checkpoints": f"{workdir}/checkpoints",
-    }
-    if exp.config.train.write_samples:
-        samples = exp.sample(params)
-        if jax.process_index() == 0:
-            paths["samples"] = f"{workdir}/samples.png"
-            grid = save_samples(paths["samples"], samples, exp.info.vocab_size)
-            np.save(f"{workdir}/samples.npy", samples)
-            if grid is not None:
-                logger.write_image(step, "samples", grid)
-    if jax.process_index() == 0:
-        paths["schedule"] = f"{workdir}/schedule.png"
-        t, gamma = exp.schedule_curve(params)
-        save_schedule_plot(paths["schedule"], t, gamma)
-    logging_utils.write_done(workdir, step, logger.wall_time())
-    if jax.process_index() == 0:
-        paths["done"] = f"{workdir}/{logging_utils.DONE_FILE}"
-        print(f"Training finished at step {step} in {logger.wall_time():.1f}s.")
-        if "eval/bpd" in metrics:
-            print(
-                f"Test bits/dim (EMA): {metrics['eval/bpd']:.4f} "
-                f"+- {metrics.get('eval/bpd_stderr', float('nan')):.4f}"
-            )
-        print("Outputs:")
-        for name, path in paths.items():
-            print(f"  {name:12s} {path}")
-    return paths

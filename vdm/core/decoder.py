@@ -11,7 +11,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from vdm.diffusion import _bcast, alpha_sigma
+from vdm.core.diffusion import alpha_sigma, broadcast
 
 
 def encode(x, vocab_size: int | None):
@@ -24,7 +24,7 @@ def encode(x, vocab_size: int | None):
 def _logits(z_0, gamma_0, centres, *, every_value: bool):
     # Unnormalised log-probabilities: of every value (centres [V]; result z_0.shape + (V,)),
     # or of one value per sub-pixel (centres shaped like z_0).
-    g0 = _bcast(gamma_0, z_0)
+    g0 = broadcast(gamma_0, z_0)
     alpha_0, _ = alpha_sigma(g0)
     z_scaled, inv_stdev = z_0 / alpha_0, jnp.exp(-0.5 * g0)
     if every_value:
@@ -54,7 +54,7 @@ def reconstruction_loss(x, z_0, gamma_0, vocab_size: int | None):
     chex.assert_equal_shape([x, z_0])
     axes = tuple(range(1, z_0.ndim))
     if vocab_size is None:
-        g0 = _bcast(gamma_0, z_0)
+        g0 = broadcast(gamma_0, z_0)
         alpha_0, _ = alpha_sigma(g0)
         resid = jnp.asarray(x, z_0.dtype) - z_0 / alpha_0
         nll = 0.5 * (jnp.square(resid) * jnp.exp(-g0) + g0 + jnp.log(2.0 * jnp.pi))
@@ -76,7 +76,7 @@ def decode(z_0, gamma_0, vocab_size: int | None, key=None):
       draw for continuous data.
     """
     if vocab_size is None:
-        g0 = _bcast(gamma_0, z_0)
+        g0 = broadcast(gamma_0, z_0)
         alpha_0, _ = alpha_sigma(g0)
         mean = z_0 / alpha_0
         if key is None:

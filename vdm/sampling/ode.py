@@ -1,10 +1,10 @@
 """The probability-flow ODE of the VP SDE implied by gamma(t), solved with diffrax.
 
-With f = -0.5 gamma' sigma^2 and g^2 = gamma' sigma^2 (see vdm.sde_samplers) the PF-ODE
+With f = -0.5 gamma' sigma^2 and g^2 = gamma' sigma^2 (see vdm.sampling.sde) the PF-ODE
 dz/dt = f z - 0.5 g^2 score, score = -eps / sigma, becomes
     dz/dt = 0.5 gamma'(t) sigma_t (eps_hat(z, t) - sigma_t z),
 whose marginals equal the SDE's. Integrated from t = 1 down it samples; integrated up it
-encodes data to noise and, with the divergence, gives exact likelihoods (vdm.likelihood).
+encodes data to noise and, with the divergence, gives exact likelihoods (vdm.sampling.likelihood).
 
 Adaptive solves keep one step sequence for the whole (sharded) batch: the state is the global
 batch, and the controller's error norm is a global reduction over it, so every device makes
@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from vdm.sampler_base import Model, constrain, explicit_axes, normal
+from vdm.sampling.model import EpsModel
+from vdm.sampling.registries import SAMPLERS
+from vdm.sampling.sharded import constrain, explicit_axes, normal
 
 SOLVERS = {
     "euler": diffrax.Euler,
@@ -45,7 +47,7 @@ SOLVERS = {
 ADAPTIVE = ("tsit5", "dopri5")
 
 
-def drift(model: Model, t, z):
+def drift(model: EpsModel, t, z):
     """The PF-ODE velocity dz/dt at time t."""
     g, slope = model.gamma_slope(t)
     var = jax.nn.sigmoid(g)
@@ -140,7 +142,7 @@ def integrate(
     return solve(y0, args)
 
 
-def flow(model: Model, z, t0: float, t1: float, *, batch_sharding=None, **solver_options):
+def flow(model: EpsModel, z, t0: float, t1: float, *, batch_sharding=None, **solver_options):
     """Transports z from time t0 to t1 along the PF-ODE (t1 > t0 encodes, t1 < t0 decodes).
 
     Returns:
@@ -153,8 +155,9 @@ def flow(model: Model, z, t0: float, t1: float, *, batch_sharding=None, **solver
     return integrate(velocity, z, t0, t1, **solver_options)
 
 
+@SAMPLERS.register("ode")
 def sample(
-    model: Model,
+    model: EpsModel,
     key,
     shape,
     steps: int,

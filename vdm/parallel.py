@@ -66,11 +66,6 @@ def batch_sharding(mesh, stacked: bool = False) -> NamedSharding:
     return NamedSharding(mesh, P(None, DATA_AXES) if stacked else P(DATA_AXES))
 
 
-def num_shards(mesh) -> int:
-    """How many ways a batch is split: every device gets a distinct slice."""
-    return mesh.size
-
-
 def _param_spec(shape, fsdp: int) -> P:
     if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < _MIN_SHARD_SIZE:
         return P()

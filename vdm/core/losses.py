@@ -21,15 +21,25 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from vdm import decoder, diffusion
-from vdm.schedules import Schedule, endpoints, gamma_and_slope
-from vdm.variance_grad import variance_gradient
+from vdm.core import decoder, diffusion
+from vdm.core.schedules import Schedule, endpoints, gamma_and_slope
+from vdm.core.variance_grad import variance_gradient
+from vdm.registry import Registry
 
-WEIGHTINGS: dict[str, Callable] = {
-    "none": lambda gamma: jnp.ones_like(gamma),
-    # Kingma & Gao 2023's sigmoid weighting w(lambda) = sigmoid(k - lambda), k = 2, lambda=-gamma.
-    "sigmoid": lambda gamma: jax.nn.sigmoid(gamma + 2.0),
-}
+# Weightings w(gamma_t) of the diffusion loss for loss_type="weighted": fn(gamma, *, options).
+WEIGHTINGS = Registry("weighting", context=("gamma",))
+
+
+@WEIGHTINGS.register("none")
+def no_weighting(gamma):
+    """w = 1: the ELBO's own weighting."""
+    return jnp.ones_like(gamma)
+
+
+@WEIGHTINGS.register("sigmoid")
+def sigmoid_weighting(gamma, *, bias: float = 2.0):
+    """Kingma & Gao 2023's sigmoid weighting w(lambda) = sigmoid(bias - lambda), lambda = -gamma."""
+    return jax.nn.sigmoid(gamma + bias)
 
 
 def sample_times(key, n: int, antithetic: bool = True):
@@ -46,7 +56,7 @@ def prior_loss(x_enc, gamma_1):
     Written as 0.5 (alpha_1^2 (x^2 - 1) - log sigma_1^2) per dimension, using
     sigma_1^2 - 1 = -alpha_1^2, so no 1 - sigmoid cancellation appears.
     """
-    g1 = diffusion._bcast(gamma_1, x_enc)
+    g1 = diffusion.broadcast(gamma_1, x_enc)
     kl = 0.5 * (jax.nn.sigmoid(-g1) * (jnp.square(x_enc) - 1.0) - jax.nn.log_sigmoid(g1))
     return jnp.sum(kl, axis=tuple(range(1, x_enc.ndim)))
 
@@ -74,6 +84,7 @@ def loss_terms(
     antithetic: bool = True,
     loss_type: str = "elbo",
     weighting: str = "none",
+    weighting_options=None,
     schedule_grad: str = "elbo",
     t=None,
 ):
@@ -90,7 +101,8 @@ def loss_terms(
       timesteps: T for the discrete-time loss; 0 for continuous time.
       antithetic: low-discrepancy times over the batch.
       loss_type: elbo|simple|weighted: what `train` holds.
-      weighting: key of WEIGHTINGS for loss_type=weighted.
+      weighting: a WEIGHTINGS name, for loss_type=weighted.
+      weighting_options: that weighting's options (e.g. sigmoid's bias).
       schedule_grad: elbo|variance (see module docstring).
       t: optional fixed times [B] or a scalar (overrides sampling; for evaluation and tests).
 
@@ -100,8 +112,7 @@ def loss_terms(
     """
     if loss_type not in ("elbo", "simple", "weighted"):
         raise ValueError(f"Unknown loss type {loss_type!r}; use elbo|simple|weighted.")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"Unknown weighting {weighting!r}; use one of {sorted(WEIGHTINGS)}.")
+    WEIGHTINGS.check(weighting, weighting_options or {})
     if schedule_grad not in ("elbo", "variance"):
         raise ValueError(f"Unknown schedule_grad {schedule_grad!r}; use elbo|variance.")
     if schedule_grad == "variance" and loss_type != "elbo":
@@ -164,7 +175,8 @@ def loss_terms(
         if loss_type == "simple":
             train_diff = sq / (x_enc.size // n)
         elif loss_type == "weighted":
-            train_diff = WEIGHTINGS[weighting](gamma_t) * l_diff
+            weight = WEIGHTINGS.build(weighting, weighting_options, gamma=gamma_t)
+            train_diff = weight * l_diff
         else:
             train_diff = l_diff
 

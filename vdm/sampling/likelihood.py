@@ -1,10 +1,10 @@
 """Likelihood evaluation: the full-split ELBO in bits/dim, and exact NLL via the PF-ODE.
 
 `evaluate_elbo` makes one deterministic pass over an evaluation split with a caller-built
-`terms_fn` (normally a jitted wrapper of `vdm.losses.loss_terms`).
+`terms_fn` (normally a jitted wrapper of `vdm.core.losses.loss_terms`).
 
-`ode_log_prob` gives log p_ODE(z) at time t0 by integrating the PF-ODE (vdm.ode) up to t = 1
-together with the divergence of its velocity, log p_t0(z) = log N(z_1; 0, I) + int div dt,
+`ode_log_prob` gives log p_ODE(z) at time t0 by integrating the PF-ODE (vdm.sampling.ode) up to
+t = 1 together with the divergence of its velocity, log p_t0(z) = log N(z_1; 0, I) + int div dt,
 the divergence exact (D forward-mode passes, small D) or Hutchinson's estimate with fixed
 Rademacher or Gaussian probes. Both assume examples do not interact inside the denoiser (no
 batch statistics), so the batch Jacobian is block-diagonal.
@@ -38,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm import decoder, diffusion, ode
-from vdm.sampler_base import build_model, constrain
+from vdm.core import decoder, diffusion
+from vdm.sampling import ode
+from vdm.sampling.model import eps_model
+from vdm.sampling.sharded import constrain
 
 # The per-batch statistics kept on device, in this order.
 _STATS = ("count", "bpd_sum", "bpd_m2", "diffusion", "prior", "recon", "total")
@@ -220,7 +222,7 @@ def ode_log_prob(
       {'log_prob' [B], 'prior_log_prob' [B], 'delta_log_prob' [B] (int div dt),
        'z_end' [B, ...] (the latent at t1), 'num_steps' (one count for the whole batch)}.
     """
-    model = build_model(
+    model = eps_model(
         denoise_fn, schedule, schedule_params, parameterization=parameterization, cond=cond
     )
 
@@ -300,7 +302,7 @@ def ode_nll(
         if dequantization == "uniform":
             u = jax.random.uniform(k_deq, x_enc.shape, x_enc.dtype)
             y = x_enc + 2.0 / vocab_size * (u - 0.5)
-        z0 = diffusion._bcast(alpha, y) * y
+        z0 = diffusion.broadcast(alpha, y) * y
         extra = -d * jnp.log(alpha)
         if dequantization == "uniform":
             extra = extra + d * math.log(vocab_size / 2.0)

@@ -1,0 +1,242 @@
+"""The one place a config becomes a run: `build_run(config) -> Run`.
+
+Every entry point (train, eval, sample, the benchmarks, the tests) calls `build_run`, which
+reads the config once and builds the dataset, the model (network + schedule + objective),
+the optimiser, the mesh, the state's shardings, the sampler settings and the key streams.
+Parts chosen by name come from their registries through `build_part`: the selected part's
+sub-dict is passed as its options and the concept's shared keys as context, so no config key
+is mapped to an argument by hand here or anywhere else.
+"""
+
+import dataclasses
+import enum
+import inspect
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+
+from vdm import data, nets, optim, parallel
+from vdm.core import schedules
+from vdm.model import DiffusionModel, Objective, SamplerSpec
+from vdm.registry import Registry
+from vdm.run.checkpoint import Checkpoints
+from vdm.run.state import TrainState, create_state
+from vdm.run.step import compile_steps, make_train_step
+
+
+class KeyStream(enum.IntEnum):
+    """Independent key streams derived from the seed (the numbers are part of the results)."""
+
+    INIT = 0
+    TRAIN = 1
+    EVAL = 2
+    SAMPLE = 3
+
+
+def root_key(seed: int, stream: KeyStream) -> jax.Array:
+    """The key of one stream: fold_in(key(seed), stream)."""
+    return jax.random.fold_in(jax.random.key(seed), int(stream))
+
+
+def part_options(node: ml_collections.ConfigDict, name: str) -> dict:
+    """The options sub-dict `node.<name>` as a plain dict ({} when the part has none)."""
+    sub = node.get(name) if name in node else None
+    return sub.to_dict() if isinstance(sub, ml_collections.ConfigDict) else {}
+
+
+def shared_keys(node: ml_collections.ConfigDict, *exclude: str) -> dict:
+    """The node's plain (non-sub-dict) keys and values, less `exclude`."""
+    return {
+        k: v
+        for k, v in node.items()
+        if k not in exclude and not isinstance(v, ml_collections.ConfigDict)
+    }
+
+
+def call_with(fn, node: ml_collections.ConfigDict, **extra):
+    """Calls fn with the node's shared keys that its signature names, plus `extra`.
+
+    This is how a config node reaches a function or dataclass: by matching names, so a new
+    keyword on the function is settable from the config by adding the key to the schema.
+    """
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in shared_keys(node).items() if k in params and k not in extra}
+    return fn(**kwargs, **extra)
+
+
+def build_part(registry: Registry, node: ml_collections.ConfigDict, selector: str, **extra):
+    """Builds the part that `node.<selector>` names from its registry.
+
+    Args:
+      registry: the concept's registry.
+      node: the concept's config node (e.g. config.data).
+      selector: the key holding the part's name (e.g. 'name', 'type').
+      **extra: further context arguments.
+
+    Returns:
+      registry.build(name, node.<name>, **shared keys of node, **extra); shared keys reach the
+      part only when its signature names them.
+    """
+    name = node[selector]
+    shared = shared_keys(node, selector)
+    return registry.build(name, part_options(node, name), **shared, **extra)
+
+
+def build_dataset(data_config: ml_collections.ConfigDict) -> data.Dataset:
+    """The Dataset that config.data selects."""
+    return build_part(data.DATASETS, data_config, "name")
+
+
+def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> DiffusionModel:
+    """The DiffusionModel of a config for data described by `info`."""
+    m, s, loss = config.model, config.schedule, config.loss
+    if m.num_classes > 0 and m.num_classes != info.num_classes:
+        raise ValueError(
+            f"model.num_classes={m.num_classes} but data.name={info.name!r} has "
+            f"{info.num_classes} classes (0: unlabelled); set model.num_classes to "
+            f"{info.num_classes} or 0."
+        )
+    objective = call_with(
+        Objective, loss, weighting_options=part_options(loss, loss.weighting), schedule_grad=s.grad
+    )
+    return call_with(
+        DiffusionModel,
+        m,
+        network=nets.build_network(m, gamma_min=s.gamma_min, gamma_max=s.gamma_max),
+        schedule=build_part(schedules.SCHEDULES, s, "type"),
+        shape=tuple(info.shape),
+        vocab_size=info.vocab_size,
+        objective=objective,
+    )
+
+
+def sampler_spec(sample_config: ml_collections.ConfigDict) -> SamplerSpec:
+    """The SamplerSpec of config.sample (the selected sampler's sub-dict as its options)."""
+    return call_with(
+        SamplerSpec, sample_config, options=part_options(sample_config, sample_config.sampler)
+    )
+
+
+@dataclasses.dataclass(eq=False)
+class Run:
+    """Everything a train/eval/sample job needs, assembled once from a config.
+
+    Attributes:
+      config: the (locked) config, kept to write workdir/config.json.
+      dataset: the Dataset.
+      model: the DiffusionModel.
+      optimizer: the optax update rule.
+      lr_fn: its learning-rate schedule.
+      mesh: the device mesh.
+      abstract_state: the state's ShapeDtypeStructs carrying shardings (restore target).
+      state_shardings: the state's sharding tree.
+      sampler: the SamplerSpec of config.sample.
+      seed: the run's seed.
+    """
+
+    config: ml_collections.ConfigDict
+    dataset: data.Dataset
+    model: DiffusionModel
+    optimizer: optax.GradientTransformation
+    lr_fn: Any
+    mesh: jax.sharding.Mesh
+    abstract_state: Any
+    state_shardings: Any
+    sampler: SamplerSpec
+    seed: int
+
+    @property
+    def info(self) -> data.DatasetInfo:
+        """The dataset's DatasetInfo."""
+        return self.dataset.info
+
+    def key(self, stream: KeyStream) -> jax.Array:
+        """The root key of one stream."""
+        return root_key(self.seed, stream)
+
+    def init_state(self) -> TrainState:
+        """A fresh state from the seed, placed with the run's shardings."""
+        model, optimizer, key = self.model, self.optimizer, self.key(KeyStream.INIT)
+        make = jax.jit(
+            lambda: create_state(model, optimizer, key), out_shardings=self.state_shardings
+        )
+        return make()
+
+    def train_step(self, *, fail_at_step: int | None = None):
+        """The pure train step (not jitted) with the config's optimiser settings."""
+        return call_with(
+            make_train_step,
+            self.config.optim,  # accum_steps, ema_rate, ema_warmup
+            model=self.model,
+            optimizer=self.optimizer,
+            lr_fn=self.lr_fn,
+            fail_at_step=fail_at_step,
+        )
+
+    def compiled_steps(self, *, fail_at_step: int | None = None):
+        """get(num) -> the jitted, state-donating `num`-steps-per-call train function."""
+        return compile_steps(
+            self.train_step(fail_at_step=fail_at_step), self.mesh, self.state_shardings
+        )
+
+    def train_batches(self, start_step: int):
+        """This process's share of the training batches from `start_step` on."""
+        return call_with(
+            self.dataset.train_batches,
+            self.config.data,  # batch_size, augment
+            seed=self.seed,
+            start_step=start_step,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    def eval_batches(self, max_examples: int | None = None):
+        """This process's padded share of the eval split (config.eval.max_examples if None)."""
+        cap = self.config.eval.max_examples if max_examples is None else max_examples
+        return self.dataset.eval_batches(
+            batch_size=max(self.config.data.eval_batch_size // jax.process_count(), 1),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            max_examples=cap,
+        )
+
+    def eval_params(self, state: TrainState):
+        """The parameters used for evaluation and samples (EMA unless eval.use_ema is off)."""
+        return state.ema_params if self.config.eval.use_ema else state.params
+
+    def checkpoints(self, workdir) -> Checkpoints:
+        """The workdir's checkpoint manager with the config's retention."""
+        return Checkpoints(workdir, keep=self.config.train.keep_ckpts)
+
+
+def build_run(config: ml_collections.ConfigDict) -> Run:
+    """Assembles a run from a config on all visible devices (the only place that does).
+
+    Args:
+      config: a locked config (vdm/config_defaults.py schema).
+
+    Returns:
+      The Run.
+    """
+    dataset = build_dataset(config.data)
+    model = build_model(config, dataset.info)
+    o = config.optim
+    optimizer = call_with(optim.make_optimizer, o, options=part_options(o, o.name))
+    mesh = parallel.make_mesh(config.train.fsdp)
+    key = root_key(config.seed, KeyStream.INIT)
+    shapes = jax.eval_shape(lambda: create_state(model, optimizer, key))
+    shardings = parallel.state_shardings(mesh, shapes)
+    return Run(
+        config=config,
+        dataset=dataset,
+        model=model,
+        optimizer=optimizer,
+        lr_fn=call_with(optim.learning_rate_schedule, o),
+        mesh=mesh,
+        abstract_state=parallel.with_shardings(shapes, shardings),
+        state_shardings=shardings,
+        sampler=sampler_spec(config.sample),
+        seed=int(config.seed),
+    )

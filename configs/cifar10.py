@@ -35,8 +35,9 @@ def get_config(arg=None):
     c.schedule.gamma_min, c.schedule.gamma_max = -13.3, 5.0
 
     c.optim.learning_rate = 2e-4
-    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.99, 1e-8
-    c.optim.weight_decay = 0.01
+    c.optim.name = "adamw"
+    c.optim.adamw.b1, c.optim.adamw.b2, c.optim.adamw.eps = 0.9, 0.99, 1e-8
+    c.optim.adamw.weight_decay = 0.01
     c.optim.warmup_steps = 100
     c.optim.grad_clip = 0.0
     c.optim.ema_rate = 0.9999

@@ -22,11 +22,10 @@ def get_config(arg="swirl"):
         raise ValueError(f"Unknown toy dataset {arg!r}; use one of {DATASETS}.")
     c = base_config()
     c.data.name = arg
-    c.data.dim = 2
     c.data.batch_size = 256
     c.data.eval_batch_size = 1000
-    c.data.num_train = 50_000
-    c.data.num_eval = 10_000
+    c.data[arg].num_train = 50_000  # the dataset's own options: config.data.<name>
+    c.data[arg].num_eval = 10_000
     c.model.type = "mlp"
     c.model.n_embd = 256
     c.model.n_layers = 4

@@ -11,7 +11,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from vdm import data, nets
+from vdm import nets
+from vdm.run.setup import build_dataset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = [
@@ -56,7 +57,7 @@ def parse_flags(*args):
 
 
 def param_count(config) -> int:
-    info = data.get_info(config.data)
+    info = build_dataset(config.data).info
     model = nets.build_network(
         config.model, gamma_min=config.schedule.gamma_min, gamma_max=config.schedule.gamma_max
     )
@@ -78,7 +79,7 @@ def test_config_builds_locked_and_consistent(name, arg):
     assert config.is_locked
     with pytest.raises(AttributeError, match="learning_rat"):
         config.optim.learning_rat = 1.0
-    info = data.get_info(config.data)  # the dataset name is one the data module knows
+    info = build_dataset(config.data).info  # the dataset name is one the data module knows
     assert config.model.num_classes in (0, info.num_classes)
     assert param_count(config) > 0  # the network builds for the data's shape
 
@@ -127,7 +128,9 @@ def test_cifar10_matches_the_paper():
     )  # fmt: skip
     assert c.data.batch_size == 128 and c.seed == 1 and c.loss.antithetic
     o = c.optim
-    assert (o.learning_rate, o.b1, o.b2, o.eps, o.weight_decay) == (2e-4, 0.9, 0.99, 1e-8, 0.01)
+    assert o.name == "adamw" and o.learning_rate == 2e-4
+    a = o.adamw
+    assert (a.b1, a.b2, a.eps, a.weight_decay) == (0.9, 0.99, 1e-8, 0.01)
     assert (o.warmup_steps, o.ema_rate, o.grad_clip) == (100, 0.9999, 0.0)
     assert c.train.num_steps == 10_000_000
 

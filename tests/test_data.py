@@ -7,20 +7,40 @@ import re
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from vdm import data
 from vdm.config_defaults import base_config
-from vdm.data import densities
+from vdm.data import densities, memory
+from vdm.run.setup import build_dataset
 
 
 def data_config(**values):
+    """config.data with `values`; a dataset's own options (num_train, dim, ...) go to its
+    sub-dict config.data.<name>."""
     cfg = base_config().data
-    cfg.update(values)
+    for key, value in values.items():
+        if key in cfg and not isinstance(cfg[key], ml_collections.ConfigDict):
+            cfg[key] = value
+    for key, value in values.items():
+        if key not in cfg and cfg.name in cfg:  # digits has no options: num_train is unused
+            cfg[cfg.name][key] = value
     return cfg
+
+
+def train_batches(cfg, **kw):
+    return build_dataset(cfg).train_batches(batch_size=cfg.batch_size, augment=cfg.augment, **kw)
+
+
+def eval_batches(cfg, **kw):
+    return build_dataset(cfg).eval_batches(**kw)
+
+
+def get_info(cfg):
+    return build_dataset(cfg).info
 
 
 def take(iterator, n):
@@ -38,12 +58,12 @@ def assert_batches_equal(a, b):
 
 def test_digits_batches_shape_dtype_range_and_split():
     cfg = data_config(name="digits", batch_size=32)
-    batch = next(data.train_batches(cfg, seed=0, start_step=0))
+    batch = next(train_batches(cfg, seed=0, start_step=0))
     assert batch["x"].shape == (32, 8, 8, 1) and batch["x"].dtype == np.uint8
     assert batch["x"].max() <= 16 and batch["label"].dtype == np.int32
-    info = data.get_info(cfg)
+    info = get_info(cfg)
     assert (info.shape, info.vocab_size, info.num_classes) == ((8, 8, 1), 17, 10)
-    train, test = data.memory.digits("train"), data.memory.digits("test")
+    train, test = memory.digits("train"), memory.digits("test")
     assert (len(train["x"]), len(test["x"])) == (1500, 297)
     # No test image appears in the training split (the digits set has no exact duplicates
     # across this split; a leak would show as a shared row).
@@ -54,19 +74,19 @@ def test_digits_batches_shape_dtype_range_and_split():
 @pytest.mark.parametrize("name", ["digits", "mixture2d"])
 def test_order_is_a_function_of_seed_and_step(name):
     cfg = data_config(name=name, batch_size=64, num_train=500)
-    run = take(data.train_batches(cfg, seed=3, start_step=0), 30)  # crosses epochs
-    resumed = take(data.train_batches(cfg, seed=3, start_step=17), 13)
+    run = take(train_batches(cfg, seed=3, start_step=0), 30)  # crosses epochs
+    resumed = take(train_batches(cfg, seed=3, start_step=17), 13)
     for a, b in zip(run[17:], resumed, strict=True):
         assert_batches_equal(a, b)
-    other = next(data.train_batches(cfg, seed=4, start_step=0))
+    other = next(train_batches(cfg, seed=4, start_step=0))
     assert not np.array_equal(other["x"], run[0]["x"])
 
 
 def test_processes_get_disjoint_shares_of_the_global_batch():
     cfg = data_config(name="digits", batch_size=48)
-    whole = take(data.train_batches(cfg, seed=0, start_step=5), 3)
+    whole = take(train_batches(cfg, seed=0, start_step=5), 3)
     shares = [
-        take(data.train_batches(cfg, seed=0, start_step=5, process_index=p, process_count=3), 3)
+        take(train_batches(cfg, seed=0, start_step=5, process_index=p, process_count=3), 3)
         for p in range(3)
     ]
     for step in range(3):
@@ -76,10 +96,9 @@ def test_processes_get_disjoint_shares_of_the_global_batch():
 
 def test_eval_covers_every_example_once_with_padding():
     cfg = data_config(name="digits")
-    test = data.memory.digits("test")
+    test = memory.digits("test")
     per_process = [
-        list(data.eval_batches(cfg, batch_size=40, process_index=p, process_count=2))
-        for p in range(2)
+        list(eval_batches(cfg, batch_size=40, process_index=p, process_count=2)) for p in range(2)
     ]
     assert len(per_process[0]) == len(per_process[1]) == 4  # ceil(297 / 80)
     rows = [b["x"][b["mask"] > 0] for batches in zip(*per_process, strict=True) for b in batches]
@@ -88,16 +107,14 @@ def test_eval_covers_every_example_once_with_padding():
     np.testing.assert_array_equal(
         np.sort(seen.reshape(297, -1), 0), np.sort(test["x"].reshape(297, -1), 0)
     )
-    capped = list(data.eval_batches(cfg, batch_size=40, max_examples=50))
+    capped = list(eval_batches(cfg, batch_size=40, max_examples=50))
     assert sum(b["mask"].sum() for b in capped) == 50
 
 
 def test_augmentation_applies_dihedral_transforms_and_flags_them():
     cfg = data_config(name="digits", batch_size=256, augment=True)
-    plain = next(
-        data.train_batches(data_config(name="digits", batch_size=256), seed=0, start_step=0)
-    )
-    aug = next(data.train_batches(cfg, seed=0, start_step=0))
+    plain = next(train_batches(data_config(name="digits", batch_size=256), seed=0, start_step=0))
+    aug = next(train_batches(cfg, seed=0, start_step=0))
     flags = aug["aug"]
     assert flags.dtype == np.float32 and 0.3 < flags.mean() < 0.7
     for x0, x1, f in zip(plain["x"], aug["x"], flags, strict=True):
@@ -108,12 +125,12 @@ def test_augmentation_applies_dihedral_transforms_and_flags_them():
         else:
             assert any(np.array_equal(x1, g) for g in group[1:])
     with pytest.raises(ValueError, match="augment needs image data"):
-        next(data.train_batches(data_config(name="swirl", augment=True), seed=0, start_step=0))
+        next(train_batches(data_config(name="swirl", augment=True), seed=0, start_step=0))
 
 
 def test_unknown_dataset_name_is_a_clear_error():
     with pytest.raises(ValueError, match="Unknown data.name 'cifar100'"):
-        data.get_info(data_config(name="cifar100"))
+        get_info(data_config(name="cifar100"))
 
 
 # --- TFDS pipelines on mock data ---------------------------------------------------------------
@@ -145,8 +162,8 @@ def fake_as_dataset(self, split, decoders=None, read_config=None, shuffle_files=
 def test_tfds_pipeline_on_mock_data():
     cfg = data_config(name="cifar10", batch_size=8, data_dir="/nonexistent", shuffle_buffer=100)
     with tfds.testing.mock_data(num_examples=24):
-        batch = next(data.train_batches(cfg, seed=0, start_step=0))
-        ev = list(data.eval_batches(cfg, batch_size=5))
+        batch = next(train_batches(cfg, seed=0, start_step=0))
+        ev = list(eval_batches(cfg, batch_size=5))
     assert batch["x"].shape == (8, 32, 32, 3) and batch["x"].dtype == np.uint8
     assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
     assert len(ev) == 5 and sum(b["mask"].sum() for b in ev) == 24  # 24 mock examples
@@ -155,16 +172,14 @@ def test_tfds_pipeline_on_mock_data():
 def test_tfds_order_resume_and_process_shares():
     cfg = data_config(name="cifar10", batch_size=8, shuffle_buffer=100)
     with tfds.testing.mock_data(as_dataset_fn=fake_as_dataset):
-        run = [b["label"] for b in take(data.train_batches(cfg, seed=1, start_step=0), 12)]
-        resumed = [b["label"] for b in take(data.train_batches(cfg, seed=1, start_step=7), 5)]
+        run = [b["label"] for b in take(train_batches(cfg, seed=1, start_step=0), 12)]
+        resumed = [b["label"] for b in take(train_batches(cfg, seed=1, start_step=7), 5)]
         shares = [
             np.concatenate(
                 [
                     b["label"]
                     for b in take(
-                        data.train_batches(
-                            cfg, seed=1, start_step=0, process_index=p, process_count=2
-                        ),
+                        train_batches(cfg, seed=1, start_step=0, process_index=p, process_count=2),
                         5,
                     )
                 ]
@@ -172,7 +187,7 @@ def test_tfds_order_resume_and_process_shares():
             for p in range(2)
         ]
         ev = [
-            list(data.eval_batches(cfg, batch_size=3, process_index=p, process_count=2))
+            list(eval_batches(cfg, batch_size=3, process_index=p, process_count=2))
             for p in range(2)
         ]
     np.testing.assert_array_equal(np.stack(run[7:]), np.stack(resumed))
@@ -187,9 +202,9 @@ def test_tfds_order_resume_and_process_shares():
 def test_unprepared_dataset_fails_fast_with_instructions(tmp_path):
     # A fresh interpreter with an empty data_dir: the real TFDS code path, no mock.
     code = (
-        "from vdm import data\nfrom vdm.config_defaults import base_config\n"
+        "from vdm.config_defaults import base_config\nfrom vdm.run.setup import build_dataset\n"
         f"c = base_config().data\nc.name = 'imagenet32'\nc.data_dir = {str(tmp_path)!r}\n"
-        "next(data.train_batches(c, seed=0, start_step=0))\n"
+        "next(build_dataset(c).train_batches(batch_size=64, seed=0, start_step=0))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0

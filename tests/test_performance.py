@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 import train_helpers as th
 
-from vdm import parallel as sharding
-from vdm.experiment import Experiment
+from vdm.run.setup import KeyStream, build_run
 
 # A two-block VDM U-Net on the 8x8 digits: convolutions, GroupNorm and attention, compiled in
 # seconds. Its 3x3 kernels (9,216 weights) are big enough to be sharded by train.fsdp.
@@ -44,11 +43,11 @@ BF16_LOSS_RTOL = 1e-2
 
 
 def _loss_and_grad(config, params, batch, key):
-    exp = Experiment.build(config)
+    model = build_run(config).model
 
     def loss(p):
-        terms = exp.loss_terms(p, batch, key, train=True)
-        return jnp.mean(terms["train"]) / (exp.num_dims * np.log(2.0))
+        terms = model.loss_terms(p, batch, key, train=True)
+        return jnp.mean(terms["train"]) / (model.num_dims * np.log(2.0))
 
     return jax.jit(jax.value_and_grad(loss))(params)
 
@@ -56,8 +55,8 @@ def _loss_and_grad(config, params, batch, key):
 def test_bfloat16_loss_matches_float32():
     f32 = th.load_config(**UNET)
     bf16 = th.load_config(**UNET, model__dtype="bfloat16")
-    exp = Experiment.build(f32)
-    params = exp.init_params(exp.root_key(0))
+    run = build_run(f32)
+    params = run.model.init_params(run.key(KeyStream.INIT))
     # A trained-looking network: nonzero output layers (a fresh one predicts exactly zero).
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(7), len(leaves))
@@ -65,7 +64,7 @@ def test_bfloat16_loss_matches_float32():
         tree, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
     )
     rng = np.random.default_rng(0)
-    batch = {"x": jnp.asarray(rng.integers(0, exp.info.vocab_size, (8, 8, 8, 1)), jnp.uint8)}
+    batch = {"x": jnp.asarray(rng.integers(0, run.info.vocab_size, (8, 8, 8, 1)), jnp.uint8)}
     key = jax.random.key(3)
     loss32, grad32 = _loss_and_grad(f32, params, batch, key)
     loss16, grad16 = _loss_and_grad(bf16, params, batch, key)
@@ -83,9 +82,8 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, sys.argv[1])
 import train_helpers as th
-from vdm import optim, parallel as sharding
-from vdm.run import loop as train
-from vdm.experiment import Experiment
+from vdm import parallel
+from vdm.run.setup import KeyStream, build_run
 
 assert jax.device_count() == 4, jax.devices()
 unet = json.loads(sys.argv[2])
@@ -94,18 +92,16 @@ local = [{"x": rng.integers(0, 17, (8, 8, 8, 1)).astype(np.uint8)} for _ in rang
 runs = {}
 for fsdp in (1, 2, 4):
     config = th.load_config(**unet, train__fsdp=fsdp)
-    exp = Experiment.build(config)
-    opt = optim.make_optimizer(config.optim)
-    _, shardings = train.state_shardings(exp, opt)
-    state = jax.jit(lambda: train.create_state(exp, opt), out_shardings=shardings)()
-    step = train.compile_steps(exp, opt, shardings)(1)
+    run = build_run(config)
+    state = run.init_state()
+    step = run.compiled_steps()(1)
     losses = []
     for b in local:
-        state, metrics = step(state, sharding.global_batch(b, exp.mesh), exp.root_key(1))
+        state, metrics = step(state, parallel.global_batch(b, run.mesh), run.key(KeyStream.TRAIN))
         losses.append(float(metrics["train/loss"]))
     sharded = sum("fsdp" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(state.params))
     params = [np.asarray(p) for p in jax.tree.leaves(state.params)]
-    runs[fsdp] = (losses, params, sharded, dict(exp.mesh.shape))
+    runs[fsdp] = (losses, params, sharded, dict(run.mesh.shape))
 out = {}
 for fsdp in (2, 4):
     losses, params, sharded, mesh = runs[fsdp]

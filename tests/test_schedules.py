@@ -209,9 +209,7 @@ def test_build_schedule_by_name():
         params = schedule.init(jax.random.PRNGKey(0))
         g0, g1 = jax.jit(schedules.endpoints, static_argnums=0)(schedule, params)
         np.testing.assert_allclose([g0, g1], [-10.0, 6.0], atol=1e-4)
-    net = schedules.build_schedule(
-        "learned_net", {"n_features": 8}, gamma_min=-1.0, gamma_max=1.0
-    )
+    net = schedules.build_schedule("learned_net", {"n_features": 8}, gamma_min=-1.0, gamma_max=1.0)
     assert net.init(jax.random.PRNGKey(0))["l2_w"].shape == (8,)
     with pytest.raises(ValueError, match="Unknown schedule"):
         schedules.build_schedule("nope", gamma_min=0.0, gamma_max=1.0)

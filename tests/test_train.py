@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import train_helpers as th
 
-from vdm import optim, parallel as sharding
-from vdm.run import pictures as outputs
+from vdm import optim, parallel
+from vdm.run import pictures
 from vdm.run.checkpoint import Checkpoints
-from vdm.experiment import Experiment
+from vdm.run.setup import KeyStream, build_run
 
 
 def test_weight_decay_mask_spares_biases_norms_and_schedule():
@@ -39,7 +39,7 @@ def test_weight_decay_mask_spares_biases_norms_and_schedule():
 
 def test_warmup_and_ema_decay():
     config = th.load_config(optim__warmup_steps=4, optim__learning_rate=1.0)
-    lr = optim.learning_rate_schedule(config.optim)
+    lr = optim.learning_rate_schedule(config.optim.learning_rate, config.optim.warmup_steps)
     np.testing.assert_allclose([lr(i) for i in range(6)], [0, 0.25, 0.5, 0.75, 1, 1])
     assert float(optim.ema_decay(0, 0.999, True)) == pytest.approx(0.1)
     assert float(optim.ema_decay(10**6, 0.999, True)) == pytest.approx(0.999)
@@ -47,27 +47,18 @@ def test_warmup_and_ema_decay():
 
 
 def _tiny_setup(**extra):
-    from vdm.run import loop as train
-
-    config = th.load_config(**extra)
-    exp = Experiment.build(config)
-    optimizer = optim.make_optimizer(config.optim)
-    _, shardings = train.state_shardings(exp, optimizer)
-    state = jax.jit(lambda: train.create_state(exp, optimizer), out_shardings=shardings)()
-    batches = train.batch_iterator(exp, 0)
-    return config, exp, optimizer, state, batches
+    run = build_run(th.load_config(**extra))
+    return run, run.init_state(), run.train_batches(0)
 
 
 def test_train_step_refuses_non_finite_update():
-    from vdm.run import loop as train
-
-    _, exp, optimizer, state, batches = _tiny_setup()
-    step = jax.jit(train.make_train_step(exp, optimizer, fail_at_step=2))
-    key = exp.root_key(1)
-    batch = sharding.global_batch(next(batches), exp.mesh)
+    run, state, batches = _tiny_setup()
+    step = jax.jit(run.train_step(fail_at_step=2))
+    key = run.key(KeyStream.TRAIN)
+    batch = parallel.global_batch(next(batches), run.mesh)
     state1, metrics = step(state, batch, key)
     assert int(state1.nonfinite_step) == -1 and np.isfinite(float(metrics["train/loss"]))
-    state2, metrics = step(state1, sharding.global_batch(next(batches), exp.mesh), key)
+    state2, metrics = step(state1, parallel.global_batch(next(batches), run.mesh), key)
     assert np.isnan(float(metrics["train/loss"]))
     assert int(state2.step) == 2 and int(state2.nonfinite_step) == 2
     # The refused update left every parameter, moment and average as it was.
@@ -80,25 +71,25 @@ def test_train_step_refuses_non_finite_update():
 
 
 def test_steps_per_call_and_accumulation_run_the_same_objective():
-    from vdm.run import loop as train
+    from vdm.run.step import make_multi_step
 
-    _, exp, optimizer, state, batches = _tiny_setup()
+    run, state, batches = _tiny_setup()
     local = [next(batches) for _ in range(2)]
-    key = exp.root_key(1)
-    one = jax.jit(train.make_train_step(exp, optimizer))
-    s1, m1 = one(state, sharding.global_batch(local[0], exp.mesh), key)
-    s1, m2 = one(s1, sharding.global_batch(local[1], exp.mesh), key)
+    key = run.key(KeyStream.TRAIN)
+    one = jax.jit(run.train_step())
+    s1, m1 = one(state, parallel.global_batch(local[0], run.mesh), key)
+    s1, m2 = one(s1, parallel.global_batch(local[1], run.mesh), key)
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *local)
-    two = jax.jit(train.make_multi_step(train.make_train_step(exp, optimizer), 2))
-    s2, msum = two(state, sharding.global_batch(stacked, exp.mesh, stacked=True), key)
+    two = jax.jit(make_multi_step(run.train_step(), 2))
+    s2, msum = two(state, parallel.global_batch(stacked, run.mesh, stacked=True), key)
     np.testing.assert_allclose(msum["train/loss"], m1["train/loss"] + m2["train/loss"], rtol=1e-5)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), s1.params, s2.params
     )
     # Two micro-batches: one update, finite, step advanced once.
-    _, exp2, opt2, state2, batches2 = _tiny_setup(optim__accum_steps=2)
-    acc = jax.jit(train.make_train_step(exp2, opt2))
-    s3, m3 = acc(state2, sharding.global_batch(next(batches2), exp2.mesh), key)
+    run2, state2, batches2 = _tiny_setup(optim__accum_steps=2)
+    acc = jax.jit(run2.train_step())
+    s3, m3 = acc(state2, parallel.global_batch(next(batches2), run2.mesh), key)
     assert int(s3.step) == 1 and np.isfinite(float(m3["train/loss"]))
 
 
@@ -110,10 +101,8 @@ def test_nan_stops_training_and_last_checkpoint_stays_valid(tmp_path):
         train.train_and_evaluate(config, str(tmp_path), tensorboard=False, fail_at_step=5)
     assert th.checkpoint_steps(tmp_path) == [2, 4]
     assert not (tmp_path / "DONE").exists()
-    exp = Experiment.build(config)
-    target, _ = train.state_shardings(exp, optim.make_optimizer(config.optim))
     ckpts = Checkpoints(tmp_path)
-    state, meta, step = ckpts.restore(target)
+    state, meta, step = ckpts.restore(build_run(config).abstract_state)
     ckpts.close()
     assert step == 4 and int(state.step) == 4 and int(state.nonfinite_step) == -1
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params))
@@ -172,8 +161,8 @@ def test_misspelt_override_fails_naming_the_key(tmp_path):
 
 def test_image_grid_and_schedule_plot(tmp_path):
     samples = np.random.default_rng(0).integers(0, 17, size=(10, 8, 8, 1))
-    grid = outputs.save_samples(tmp_path / "grid.png", samples, vocab_size=17)
+    grid = pictures.save_samples(tmp_path / "grid.png", samples, vocab_size=17)
     assert grid.dtype == np.uint8 and grid.max() <= 255 and (tmp_path / "grid.png").exists()
     t = np.linspace(0, 1, 5)
-    outputs.save_schedule_plot(tmp_path / "s.png", t, -13.3 + 18.3 * t)
+    pictures.save_schedule_plot(tmp_path / "s.png", t, -13.3 + 18.3 * t)
     assert (tmp_path / "s.png").stat().st_size > 0

@@ -23,8 +23,8 @@ JAX_CACHE = os.path.join(tempfile.gettempdir(), "vdm-tests-jax-cache")
 # the EMA short so that a wrongly restored optimiser or EMA state shows up in the losses.
 TINY = {
     "data.name": "gaussian",
-    "data.dim": 2,
-    "data.num_eval": 96,
+    "data.gaussian.dim": 2,
+    "data.gaussian.num_eval": 96,
     "data.batch_size": 8,
     "data.eval_batch_size": 32,
     "model.type": "mlp",
@@ -162,10 +162,5 @@ def load_config(**extra):
     config = module.get_config()
     values = dict(TINY)
     values.update({k.replace("__", "."): v for k, v in extra.items()})
-    for dotted, value in values.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    config.update_from_flattened_dict(values)
     return config

@@ -89,7 +89,9 @@ def build_dataset(data_config: ml_collections.ConfigDict) -> data.Dataset:
     return build_part(data.DATASETS, data_config, "name")
 
 
-def build_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> DiffusionModel:
+def build_diffusion_model(
+    config: ml_collections.ConfigDict, info: data.DatasetInfo
+) -> DiffusionModel:
     """The DiffusionModel of a config for data described by `info`."""
     m, s, loss = config.model, config.schedule, config.loss
     if m.num_classes > 0 and m.num_classes != info.num_classes:
@@ -221,7 +223,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
       The Run.
     """
     dataset = build_dataset(config.data)
-    model = build_model(config, dataset.info)
+    model = build_diffusion_model(config, dataset.info)
     o = config.optim
     optimizer = call_with(optim.make_optimizer, o, options=part_options(o, o.name))
     mesh = parallel.make_mesh(config.train.fsdp)

@@ -24,6 +24,7 @@ from vdm.registry import Registry
 from vdm.run.checkpoint import Checkpoints
 from vdm.run.state import TrainState, create_state
 from vdm.run.step import compile_steps, make_train_step
+from vdm.sampling.registries import SAMPLERS
 
 
 class KeyStream(enum.IntEnum):
@@ -115,10 +116,16 @@ def build_diffusion_model(
 
 
 def sampler_spec(sample_config: ml_collections.ConfigDict) -> SamplerSpec:
-    """The SamplerSpec of config.sample (the selected sampler's sub-dict as its options)."""
-    return call_with(
+    """The SamplerSpec of config.sample (the selected sampler's sub-dict as its options).
+
+    The sampler and its options are checked here, so a wrong name fails when the run is
+    assembled, not when training ends and the sample grid is drawn.
+    """
+    spec = call_with(
         SamplerSpec, sample_config, options=part_options(sample_config, sample_config.sampler)
     )
+    SAMPLERS.check(spec.sampler, spec.options)
+    return spec
 
 
 @dataclasses.dataclass(eq=False)

@@ -111,7 +111,8 @@ def make_train_step(
             "gamma_0": g0,
             "gamma_1": g1,
         }
-        return new_state, {f"train/{k}": v.astype(jnp.float32) for k, v in metrics.items()}
+        # jnp.asarray: a constant learning-rate schedule returns a Python float.
+        return new_state, {f"train/{k}": jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
     return train_step
 

@@ -50,15 +50,21 @@ def main(argv):
     parallel.initialize_distributed(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
     )
-    from vdm.run import evaluate, loop, sample
     from vdm.run.setup import build_run
 
     run = build_run(FLAGS.config)  # the one place a config becomes a run
+    # Each mode imports only its own workflow: training's metric writers pull in TensorFlow.
     if FLAGS.mode == "train":
+        from vdm.run import loop
+
         loop.train(run, FLAGS.workdir, tensorboard=FLAGS.tensorboard)
     elif FLAGS.mode == "eval":
+        from vdm.run import evaluate
+
         evaluate.evaluate_checkpoint(run, FLAGS.workdir)
     else:
+        from vdm.run import sample
+
         sample.sample_checkpoint(run, FLAGS.workdir)
 
 

@@ -249,3 +249,34 @@ def test_sampler_spec_reads_only_the_selected_samplers_options():
     config = parse_flags("--config.sample.sampler=ddim", "--config.sample.ddim.eta=0.5")
     spec = sampler_spec(config.sample)
     assert (spec.sampler, spec.options) == ("ddim", {"eta": 0.5})
+
+
+@pytest.mark.slow
+def test_sampler_options_from_the_real_command_line(tmp_path):
+    """`python -m vdm.main --mode=sample` with a solver and its tolerance, and a composed pc."""
+    th.run_main(tmp_path, *th.overrides(train__num_steps=2, train__eval_every=2))
+    ode = th.run_main(
+        tmp_path,
+        *th.overrides(sample__sampler="ode", sample__steps=4),
+        "--config.sample.ode.solver=tsit5",
+        "--config.sample.ode.rtol=1e-3",
+        "--config.sample.ode.atol=1e-3",
+        mode="sample",
+    )
+    pc = th.run_main(
+        tmp_path,
+        *th.overrides(sample__sampler="pc", sample__steps=4),
+        "--config.sample.pc.predictor=ddpm",
+        "--config.sample.pc.variance=posterior",
+        "--config.sample.pc.corrector=none",
+        mode="sample",
+    )
+    a = np.load(tmp_path / "samples_2_ode_4.npy")
+    b = np.load(tmp_path / "samples_2_pc_4.npy")
+    assert a.shape == b.shape == (8, 2) and np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    assert not np.allclose(a, b)
+    assert "samples_2_ode_4.png" in ode.stdout and "samples_2_pc_4.png" in pc.stdout
+    bad = th.run_main(
+        tmp_path, *th.overrides(), "--config.sample.ode.rtl=1e-3", mode="sample", check=False
+    )
+    assert bad.returncode != 0 and "rtl" in bad.stderr

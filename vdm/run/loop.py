@@ -2,7 +2,7 @@
 
 `train_and_evaluate(config, workdir)` assembles the run (vdm/run/setup.py) and calls `train`.
 The loop syncs with the host only at log, eval and checkpoint steps (and on preemption);
-metrics go through clu's writers (vdm/run/logs.py) and progress through clu's
+metrics go through clu's writers (vdm/run/writers.py) and progress through clu's
 ReportProgress (steps/s, ETA) and Profile periodic actions.
 """
 
@@ -17,7 +17,7 @@ from clu import periodic_actions
 from jax.experimental import multihost_utils
 
 from vdm import parallel
-from vdm.run import logs
+from vdm.run import logs, writers
 from vdm.run.checkpoint import Checkpoints
 from vdm.run.evaluate import evaluate
 from vdm.run.sample import write_final
@@ -129,7 +129,7 @@ def train(
         return {"step": step, "preempted": False}
     logs.clear_done(workdir)  # e.g. a finished run extended with more steps
     clock = logs.RunClock(float(meta.get("wall_time", 0.0)))
-    writer = logs.create_writer(
+    writer = writers.create_writer(
         workdir, clock, resume_step=step if restored else None, tensorboard=tensorboard
     )
     logs.write_config(workdir, config)

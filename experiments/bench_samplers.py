@@ -2,7 +2,7 @@
 
 Why: the samplers differ in network evaluations per step and in how fast their discretisation
 error falls, so "how many steps" has a different answer for each. With the exact denoiser
-(vdm.oracles) the only errors are the sampler's own and Monte-Carlo noise, and the true
+(vdm.core.oracles) the only errors are the sampler's own and Monte-Carlo noise, and the true
 distribution is known, so quality can be measured rather than eyeballed.
 
 Data: x ~ N(mu, S) in D dimensions, S = Q diag(lam) Q^T with eigenvalues log-spaced over
@@ -21,12 +21,12 @@ N, so the table has that floor (mean and spread over 8 independent exact draws),
 "reaches" 1000-step ancestral quality at the first step count whose W2 is within 2 floor
 standard deviations of that reference.
 
-Usage:
-  python experiments/bench_samplers.py [--samples 4096] [--dims 16] [--steps 10 25 ...]
-Prints Markdown and writes experiments/results/samplers.md and samplers.json.
+Usage, from the repository root:
+  python -m experiments.bench_samplers [--samples=4096] [--dims=16] [--steps=10,25,...]
+      [--repeats=3] [--out=DIR]
+Prints Markdown and writes samplers.md and samplers.json to --out (experiments/results).
 """
 
-import argparse
 import datetime
 import json
 import os
@@ -37,7 +37,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
+from vdm import runtime
 from vdm.core import oracles, schedules
 from vdm.sampling import samplers
 
@@ -57,6 +59,22 @@ FIXED = [
 ADAPTIVE = [(f"ode tsit5 tol={tol:g}", "ode", {"solver": "tsit5", "rtol": tol, "atol": tol})
             for tol in (1e-2, 1e-4)]  # fmt: skip
 ADAPTIVE_FIRST_STEPS = 10  # the adaptive solvers' first step is 1/10
+
+flags.DEFINE_integer("samples", 4096, "Samples per sampling run (the batch).")
+flags.DEFINE_integer("dims", 16, "Dimension D of the test Gaussian.")
+flags.DEFINE_list(
+    "steps",
+    ["10", "25", "50", "100", "250", "1000"],
+    "Step counts of the fixed-grid samplers, comma-separated; the largest is the reference.",
+)
+flags.DEFINE_integer("repeats", 3, "Timed runs per (sampler, steps) after one warm-up.")
+flags.DEFINE_string("out", RESULTS, "Directory for samplers.md and samplers.json.")
+flags.register_validator(
+    "steps",
+    lambda v: bool(v) and all(s.isdigit() and int(s) > 0 for s in v),
+    "--steps must be a comma-separated list of positive integers.",
+)
+FLAGS = flags.FLAGS
 
 
 def problem(dims: int, seed: int = 0):
@@ -128,9 +146,9 @@ def run_one(denoise, name, opts, steps, shape, repeats, target):
     }
 
 
-def markdown(rows, floor, ref, first, args) -> str:
+def markdown(rows, floor, ref, first, samples: int, dims: int) -> str:
     lines = [
-        f"# Sampler benchmark ({args.samples} samples, D = {args.dims}, exact Gaussian denoiser)",
+        f"# Sampler benchmark ({samples} samples, D = {dims}, exact Gaussian denoiser)",
         "",
         f"{datetime.date.today()}, {platform.machine()} CPU, jax {jax.__version__}, backend "
         f"{jax.default_backend()}, {os.cpu_count()} cores (shared). W2 of exact samples "
@@ -150,54 +168,47 @@ def markdown(rows, floor, ref, first, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--samples", type=int, default=4096)
-    ap.add_argument("--dims", type=int, default=16)
-    ap.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100, 250, 1000])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=RESULTS)
-    args = ap.parse_args()
-
-    mu, q, lam, denoise = problem(args.dims)
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    steps_list = [int(s) for s in FLAGS.steps]
+    mu, q, lam, denoise = problem(FLAGS.dims)
     cov = (q * lam) @ q.T
     target = (mu, (q * np.sqrt(lam)) @ q.T, cov)
-    shape = (args.samples, args.dims)
+    shape = (FLAGS.samples, FLAGS.dims)
     rng = np.random.default_rng(1)
     exact = [w2_gaussian(mu + rng.normal(size=shape) * np.sqrt(lam) @ q.T, *target)
              for _ in range(8)]  # fmt: skip
     floor = (float(np.mean(exact)), float(np.std(exact, ddof=1)))
 
     rows = []
-    runs = [(label, name, opts, steps) for label, name, opts in FIXED for steps in args.steps]
+    runs = [(label, name, opts, steps) for label, name, opts in FIXED for steps in steps_list]
     runs += [(label, name, opts, ADAPTIVE_FIRST_STEPS) for label, name, opts in ADAPTIVE]
     for label, name, opts, steps in runs:
-        res = run_one(denoise, name, opts, steps, shape, args.repeats, target)
+        res = run_one(denoise, name, opts, steps, shape, FLAGS.repeats, target)
         rows.append(dict(sampler=label, steps=steps, **res))
         print(rows[-1], flush=True)
 
-    ref_rows = [r for r in rows if r["sampler"] == "ancestral" and r["steps"] == max(args.steps)]
+    ref_rows = [r for r in rows if r["sampler"] == "ancestral" and r["steps"] == max(steps_list)]
     ref = ref_rows[0]["w2"]
     first = {}
     for label, _, _ in FIXED + ADAPTIVE:
         hits = [r for r in rows if r["sampler"] == label and r["w2"] <= ref + 2 * floor[1]]
         first[label] = min(hits, key=lambda r: r["steps"]) if hits else None
 
-    table = markdown(rows, floor, ref, first, args)
+    table = markdown(rows, floor, ref, first, FLAGS.samples, FLAGS.dims)
     print(table)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "samplers.md"), "w") as f:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    with open(os.path.join(FLAGS.out, "samplers.md"), "w") as f:
         f.write(table)
-    meta = {"samples": args.samples, "dims": args.dims, "repeats": args.repeats,
+    meta = {"samples": FLAGS.samples, "dims": FLAGS.dims, "repeats": FLAGS.repeats,
             "schedule": "fixed_linear(-13.3, 10)", "jax": jax.__version__,
             "backend": jax.default_backend(), "w2_exact_floor": floor, "w2_reference": ref,
             "first_reaching": {k: v and v["steps"] for k, v in first.items()}}  # fmt: skip
-    with open(os.path.join(args.out, "samplers.json"), "w") as f:
+    with open(os.path.join(FLAGS.out, "samplers.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
-    from vdm import runtime
-
     runtime.setup()  # tcmalloc and XLA:CPU flags, as `python -m vdm.main` runs
-    main()
+    app.run(main)

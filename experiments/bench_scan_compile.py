@@ -9,12 +9,12 @@ jitted; compile time is `lower(...).compile()`, step time the median over a few 
 warm-up, each ended by block_until_ready. Parameters are random draws in the shapes from
 jax.eval_shape (a real init would cost another compile and change nothing timed here).
 
-Usage:
-  python experiments/bench_scan_compile.py [--layers 8 16 32] [--n_embd 32] [--batch 2]
-Prints a Markdown table and writes it to experiments/results/scan_compile.md.
+Usage, from the repository root:
+  python -m experiments.bench_scan_compile [--layers=8,16,32] [--n_embd=32] [--batch=2]
+      [--steps=5] [--max_step_s=20] [--out=FILE]
+Prints a Markdown table and writes it to --out (experiments/results/scan_compile.md).
 """
 
-import argparse
 import datetime
 import os
 import platform
@@ -24,11 +24,25 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-from vdm import nets
+from vdm import nets, runtime
 from vdm.config_defaults import base_config
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "scan_compile.md")
+
+flags.DEFINE_list("layers", ["8", "16", "32"], "n_layers values to compare, comma-separated.")
+flags.DEFINE_integer("n_embd", 32, "Channels of the U-Net.")
+flags.DEFINE_integer("batch", 2, "Batch size of the timed step.")
+flags.DEFINE_integer("steps", 5, "Timed steps per configuration (after one warm-up).")
+flags.DEFINE_float("max_step_s", 20.0, "Time cap for the timed steps (at least two are timed).")
+flags.DEFINE_string("out", RESULTS, "Markdown file to write the table to.")
+flags.register_validator(
+    "layers",
+    lambda v: bool(v) and all(s.isdigit() and int(s) > 0 for s in v),
+    "--layers must be a comma-separated list of positive integers.",
+)
+FLAGS = flags.FLAGS
 
 
 def build(n_layers: int, n_embd: int, scan: bool):
@@ -80,12 +94,12 @@ def measure(n_layers: int, n_embd: int, batch: int, scan: bool, steps: int, max_
     }
 
 
-def markdown(rows, args) -> str:
+def markdown(rows, *, batch: int, n_embd: int) -> str:
     header = (
         f"# VDM U-Net: compile and step time, unrolled vs nn.scan\n\n"
         f"{datetime.date.today()}, {platform.machine()} with {os.cpu_count()} cores, "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {args.batch}, 32x32x3, "
-        f"n_embd {args.n_embd}, GroupNorm(8), dropout 0.1. Step = forward + backward of an "
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; batch {batch}, 32x32x3, "
+        f"n_embd {n_embd}, GroupNorm(8), dropout 0.1. Step = forward + backward of an "
         f"MSE, jitted, median over the timed steps after one warm-up. The machine is shared, so "
         f"timings are noisy (about +-10%).\n\n"
         "| n_layers | variant | params | trace+lower (s) | compile (s) | step (ms) | steps |\n"
@@ -99,32 +113,29 @@ def markdown(rows, args) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--n_embd", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--max_step_s", type=float, default=20.0, help="time cap for timed steps")
-    parser.add_argument("--out", default=RESULTS)
-    args = parser.parse_args()
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     rows = []
-    for n_layers in args.layers:
+    for n_layers in [int(n) for n in FLAGS.layers]:
         for variant in ("unrolled", "scan"):
             result = measure(
-                n_layers, args.n_embd, args.batch, variant == "scan", args.steps, args.max_step_s
+                n_layers,
+                FLAGS.n_embd,
+                FLAGS.batch,
+                variant == "scan",
+                FLAGS.steps,
+                FLAGS.max_step_s,
             )
             rows.append({"n_layers": n_layers, "variant": variant, **result})
             print(f"done: n_layers {n_layers} {variant} {result}", flush=True)
-    table = markdown(rows, args)
+    table = markdown(rows, batch=FLAGS.batch, n_embd=FLAGS.n_embd)
     print(table)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+    with open(FLAGS.out, "w") as f:
         f.write(table)
 
 
 if __name__ == "__main__":
-    from vdm import runtime
-
     runtime.setup()  # tcmalloc and XLA:CPU flags, as `python -m vdm.main` runs
-    main()
+    app.run(main)

@@ -12,9 +12,11 @@ run gets its own workdir under --base, named from the values that vary, and its 
 saved there as sweep.json. `print` and `run` first parse every run's overrides against the
 locked config, so a misspelt key fails before anything trains.
 
-  python experiments/sweep.py print experiments/sweeps/digits_lr.py --base=runs/sweep
-  python experiments/sweep.py run experiments/sweeps/digits_lr.py --base=runs/sweep
-  python experiments/sweep.py collect --base=runs/sweep   # writes results.md and results.csv
+Run from the repository root; the action comes first, then the sweep file, flags anywhere:
+
+  python -m experiments.sweep print experiments/sweeps/digits_lr.py --base=runs/sweep
+  python -m experiments.sweep run experiments/sweeps/digits_lr.py --base=runs/sweep
+  python -m experiments.sweep collect --base=runs/sweep   # writes results.md and results.csv
 
 `run` goes through the runs one after another and skips those whose workdir is DONE, so an
 interrupted sweep is continued by running the same command (an unfinished run resumes from its
@@ -22,7 +24,6 @@ checkpoint); it stops at the first failed run unless given --keep_going. `collec
 run's metrics.jsonl and tabulates the final and best eval bits/dim, steps and wall time.
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -32,13 +33,18 @@ import shlex
 import subprocess
 import sys
 
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
-from sweep_report import to_csv, to_markdown  # next to this file
 
+from experiments.sweep_report import to_csv, to_markdown
 from vdm.run import logs as logging_utils
 
 SWEEP_RECORD = "sweep.json"
+ACTIONS = ("print", "run", "collect")
+
+flags.DEFINE_string("base", None, "Directory holding one workdir per run (required).")
+flags.DEFINE_bool("keep_going", False, "run: continue after a failed run.")
+FLAGS = flags.FLAGS
 
 
 def expand(product: dict | None = None, zipped: dict | None = None, fixed: dict | None = None):
@@ -251,47 +257,67 @@ def collect(base: str) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    """Command-line entry point.
+def command(action: str, sweep: str | None, base: str, keep_going: bool = False) -> int:
+    """Carries out one action of the command line.
 
     Args:
-      argv: arguments without the program name; None reads sys.argv.
+      action: print (the runs' command lines), run (them, one after another) or collect
+        (results.md and results.csv under `base`).
+      sweep: the sweep file (print, run); unused by collect.
+      base: directory holding one workdir per run.
+      keep_going: run: continue after a failed run.
 
     Returns:
-      The exit status: 1 when a run failed under --keep_going, else 0.
+      The exit status: 1 when a run failed under keep_going, else 0.
+
+    Raises:
+      app.UsageError: unknown action, no sweep file for print/run, or a bad sweep (a misspelt
+        key, clashing workdirs, ...); the command line prints it with the usage, status 2.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("action", choices=["print", "run", "collect"])
-    parser.add_argument("sweep", nargs="?", help="sweep file (print, run)")
-    parser.add_argument("--base", required=True, help="directory holding one workdir per run")
-    parser.add_argument(
-        "--keep_going", action="store_true", help="run: continue after a failed run"
-    )
-    args = parser.parse_args(argv)
-    if args.action == "collect":
-        rows = collect(args.base)
+    if action not in ACTIONS:
+        raise app.UsageError(f"Unknown action {action!r}; use one of {', '.join(ACTIONS)}.", 2)
+    if action == "collect":
+        rows = collect(base)
         for name, text in (("results.md", to_markdown(rows)), ("results.csv", to_csv(rows))):
-            with open(os.path.join(args.base, name), "w") as f:
+            with open(os.path.join(base, name), "w") as f:
                 f.write(text)
         print(to_markdown(rows), end="")
         return 0
-    if not args.sweep:
-        parser.error(f"{args.action} needs a sweep file")
+    if not sweep:
+        raise app.UsageError(f"{action} needs a sweep file.", 2)
     try:
-        config, runs, varying = load_sweep(args.sweep)
+        config, runs, varying = load_sweep(sweep)
         check_overrides(config, runs)
-        cmds = commands(config, runs, varying, args.base)
+        cmds = commands(config, runs, varying, base)
     except ValueError as e:
-        parser.error(str(e))  # exits with status 2
-    if args.action == "print":
+        raise app.UsageError(str(e), 2) from e
+    if action == "print":
         for _, _, run_argv in cmds:
             print(shlex.join(run_argv))
         return 0
-    _, failed = run_all(cmds, keep_going=args.keep_going)
+    _, failed = run_all(cmds, keep_going=keep_going)
     for workdir in failed:
         print(f"failed: {workdir}")
     return 1 if failed else 0
 
 
+def main(argv: list[str]) -> int:
+    """absl entry point.
+
+    Args:
+      argv: what absl leaves after parsing the flags: [program, action, sweep file (print,
+        run)].
+
+    Returns:
+      The exit status (see `command`).
+    """
+    args = argv[1:]
+    if not args or len(args) > 2:
+        raise app.UsageError("Give an action (print|run|collect) and, for print/run, a sweep.", 2)
+    if not FLAGS.base:
+        raise app.UsageError("--base is required.", 2)
+    return command(args[0], args[1] if len(args) > 1 else None, FLAGS.base, FLAGS.keep_going)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

@@ -1,5 +1,5 @@
-"""Formatting of the sweep tool's results table (experiments/sweep.py `collect`) as Markdown
-and CSV; kept apart so that sweep.py holds only the grid and the runs."""
+"""Formatting of the sweep tool's results table (`python -m experiments.sweep collect`) as
+Markdown and CSV; kept apart so that experiments/sweep.py holds only the grid and the runs."""
 
 import csv
 import io

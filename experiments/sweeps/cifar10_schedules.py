@@ -2,7 +2,7 @@
 network, the network trained with the variance-minimising schedule gradient. ZIP pairs each
 schedule with its gradient rule, so this is three runs, not a 3 x 2 grid.
 
-  python experiments/sweep.py run experiments/sweeps/cifar10_schedules.py --base=runs/schedules
+  python -m experiments.sweep run experiments/sweeps/cifar10_schedules.py --base=runs/schedules
 
 CIFAR-10 is read from ~/tensorflow_datasets unless FIXED below gets "data.data_dir": "DIR".
 

@@ -1,9 +1,9 @@
 """Learning rate x depth on the digits default: 6 runs of 1,000 steps, about 3 minutes each on
 2 CPU cores (no samples drawn, two evaluations a run).
 
-  python experiments/sweep.py print experiments/sweeps/digits_lr.py --base=runs/lr
-  python experiments/sweep.py run experiments/sweeps/digits_lr.py --base=runs/lr
-  python experiments/sweep.py collect --base=runs/lr
+  python -m experiments.sweep print experiments/sweeps/digits_lr.py --base=runs/lr
+  python -m experiments.sweep run experiments/sweeps/digits_lr.py --base=runs/lr
+  python -m experiments.sweep collect --base=runs/lr
 """
 
 CONFIG = "configs/digits.py"

@@ -1,16 +1,19 @@
 """Tests of experiments/sweep.py: grid expansion, workdir names, up-front override checks,
-skipping finished runs, and the collector's table. Nothing trains: runs are faked."""
+skipping finished runs, the collector's table, and the command line. Nothing trains: runs are
+faked."""
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import train_helpers as th
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "experiments"))
-import sweep  # noqa: E402
+from experiments import sweep
+
+REPO = th.REPO
 
 
 def test_product_and_zip_expansion():
@@ -135,7 +138,7 @@ def test_run_skips_finished_runs_and_collect_tabulates(tmp_path):
     csv_lines = sweep.to_csv(list(rows.values())).splitlines()
     assert csv_lines[0].startswith("run,final_bpd,") and csv_lines[1].startswith("lr=1,2.7,")
 
-    assert sweep.main(["collect", f"--base={base}"]) == 0
+    assert sweep.command("collect", None, str(base)) == 0
     assert (base / "results.md").read_text().startswith("| run |")
     assert len((base / "results.csv").read_text().splitlines()) == 3
 
@@ -151,3 +154,41 @@ def test_failed_run_stops_the_sweep_unless_keep_going(tmp_path):
         sweep.run_all(cmds, runner=runner)
     ran, failed = sweep.run_all(cmds, runner=runner, keep_going=True)
     assert ran == [str(tmp_path / "b")] and failed == [str(tmp_path / "a")]
+
+
+def sweep_cli(*args) -> subprocess.CompletedProcess:
+    """`python -m experiments.sweep ARGS` from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", *args],
+        cwd=REPO,
+        env=th.env_for(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_command_line_takes_the_action_first_and_flags_anywhere(tmp_path):
+    base = tmp_path / "base"
+    proc = sweep_cli("print", "experiments/sweeps/digits_lr.py", f"--base={base}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 6  # 3 learning rates x 2 depths
+    argv = shlex.split(lines[0])
+    assert argv[1:3] == ["-m", "vdm.main"] and "--config=configs/digits.py" in argv
+    assert f"--workdir={base / 'learning_rate=0.002,n_layers=2'}" in argv
+    assert not base.exists()  # print runs nothing
+
+    bad = tmp_path / "bad.py"
+    bad.write_text('CONFIG = "configs/digits.py"\nPRODUCT = {"optim.learning_rat": [1, 2]}\n')
+    proc = sweep_cli(f"--base={base}", "print", str(bad))
+    assert proc.returncode == 2 and "learning_rat" in proc.stderr, proc.stderr[-4000:]
+    assert sweep_cli("print", str(bad)).returncode == 2  # no --base
+    assert sweep_cli("launch", f"--base={base}").returncode == 2  # unknown action
+
+    fake_run(base / "lr=1", [3.0, 2.5], done=True)
+    proc = sweep_cli("collect", f"--base={base}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.startswith("| run |") and "| lr=1 | 2.5000 |" in proc.stdout
+    assert (base / "results.csv").read_text().startswith("run,final_bpd,")

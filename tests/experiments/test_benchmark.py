@@ -1,0 +1,61 @@
+"""Tests of the benchmark's measurements (experiments/bench): XLA's cost and memory queries on
+this backend, the timed and profiled train step, and the README rewrite. Speed itself is
+measured by `python -m experiments.benchmark`, not asserted here."""
+
+import numpy as np
+import pytest
+import train_helpers as th
+
+from experiments.bench import costs, report, throughput
+from vdm import parallel
+from vdm.run.setup import build_run
+
+# A two-block VDM U-Net on the 8x8 digits (as in tests/run/test_performance.py): convolutions,
+# GroupNorm and attention, compiled in seconds.
+UNET = dict(
+    data__name="digits",
+    data__batch_size=8,
+    model__type="vdm_unet",
+    model__n_embd=32,
+    model__n_layers=1,
+    model__norm_groups=8,
+    model__dropout=0.0,
+)
+
+
+def test_benchmark_cost_and_memory_queries():
+    config = th.load_config(**UNET)
+    rec = costs.compile_only(config)
+    assert rec["flops_per_step"] > 1e6 and rec["compile_s"] > 0
+    assert rec["temp_bytes"] >= 0 and rec["argument_bytes"] > 0
+    run = build_run(config)
+    batch = costs.random_batch(run, 8)
+    assert batch["x"].shape == (8, 8, 8, 1) and batch["x"].dtype == np.uint8
+    placed = parallel.global_batch(batch, run.mesh)
+    assert placed["x"].shape == (8, 8, 8, 1)
+
+
+def test_benchmark_train_measurement_and_profile_see_the_convolutions():
+    rec, _, _ = throughput.measure_train(
+        th.load_config(**UNET), steps=2, budget_s=0.0, profile=True
+    )
+    assert rec["steps_timed"] == 2 and rec["step_s"] > 0
+    assert 0 < rec["fraction_of_matmul"] < 2 and rec["matmul_flops"] > 1e8
+    shares = rec["time_breakdown"]
+    assert abs(sum(shares.values()) - 1) < 1e-6
+    # Convolutions finish on worker threads ("end: NAME" events): they must be counted.
+    assert shares.get("convolution", 0) > 0.05, shares
+    assert "group norm" in shares and "attention" in shares
+
+
+def test_benchmark_rewrites_only_the_readme_section(tmp_path):
+    readme = tmp_path / "README.md"
+    start, end = report.README_START, report.README_END
+    readme.write_text(f"# Title\n\nbefore\n{start}\nold table\n{end}\nafter\n")
+    report.update_readme(str(readme), "| new | table |")
+    assert readme.read_text() == f"# Title\n\nbefore\n{start}\n| new | table |\n{end}\nafter\n"
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no <!-- benchmark.py: start -->"):
+        report.update_readme(str(plain), "x")
+    assert plain.read_text() == "no markers\n"

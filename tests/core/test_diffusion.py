@@ -18,15 +18,6 @@ from vdm.core import diffusion, oracles
 getcontext().prec = 50
 
 
-@pytest.fixture
-def x64():
-    """Runs a test with float64 enabled and restores the previous setting afterwards."""
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def naive(gamma):
     """alpha^2, sigma^2 the way they are usually written, sigma^2 = 1 - alpha^2."""
     alpha2 = 1.0 / (1.0 + np.exp(gamma))

@@ -18,15 +18,6 @@ G_MIN, G_MAX = -13.3, 5.0
 N_FEATURES = 32  # small net: these tests are about structure, not width
 
 
-@pytest.fixture
-def x64():
-    """Runs a test with float64 enabled and restores the previous setting afterwards."""
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def make(name, gamma_min=G_MIN, gamma_max=G_MAX):
     """Builds a schedule by test id; learned_net comes pinned or free."""
     if name == "learned_net_pinned":

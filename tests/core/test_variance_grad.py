@@ -22,15 +22,6 @@ VAR = jnp.array([0.01, 0.25, 1.0, 4.0])
 G0, G1 = -13.3, 5.0
 
 
-@pytest.fixture
-def x64():
-    """Runs a test with float64 enabled and restores the previous setting afterwards."""
-    previous = jax.config.read("jax_enable_x64")
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def test_rewiring_on_a_toy_function():
     """L_i = a h_i^2 + c h_i with c closed over: h gets 2 L dL/dh; a and c get dL."""
 

@@ -199,6 +199,7 @@ def test_tfds_order_resume_and_process_shares():
     assert sorted(np.concatenate(labels)) == list(range(N_TEST))
 
 
+@pytest.mark.slow
 def test_unprepared_dataset_fails_fast_with_instructions(tmp_path):
     # A fresh interpreter with an empty data_dir: the real TFDS code path, no mock.
     code = (

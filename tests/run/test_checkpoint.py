@@ -92,6 +92,7 @@ def _last_logged_step(workdir) -> int:
         return 0  # not written yet, or a line half-written
 
 
+@pytest.mark.slow
 def test_sigkill_and_sigterm_resume_bit_for_bit(tmp_path, reference):
     flags = th.overrides(**RUN)
     # 1. SIGKILL as soon as the first checkpoint is on disk.
@@ -130,6 +131,7 @@ def test_sigkill_and_sigterm_resume_bit_for_bit(tmp_path, reference):
     assert final[-1]["eval/bpd"] == reference_final[-1]["eval/bpd"]
 
 
+@pytest.mark.slow
 def test_restore_single_device_checkpoint_on_four_devices(tmp_path, reference):
     # Train 10 steps on one device, then continue to 20 on 4 devices with sharded parameters.
     th.run_main(tmp_path, *th.overrides(**dict(RUN, train__num_steps=10, train__ckpt_every=5)))

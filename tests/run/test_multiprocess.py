@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import train_helpers as th
 
+pytestmark = pytest.mark.slow  # every test here launches vdm.main processes
+
 STEPS = 6
 RUN = dict(
     train__num_steps=STEPS,

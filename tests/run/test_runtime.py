@@ -12,10 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from vdm import runtime
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(Path(__file__).resolve().parents[2])  # the repository root
 
 
 def test_xla_flags_append_and_respect_the_user():
@@ -31,6 +34,7 @@ def test_xla_flags_append_and_respect_the_user():
     assert runtime.xla_flags(devices, "9.9.9") == devices
 
 
+@pytest.mark.slow
 def test_importing_vdm_sets_the_flag_before_jax_starts():
     code = (
         "import os, vdm, jax, jax.numpy as jnp; jnp.ones(1).block_until_ready(); "
@@ -83,6 +87,7 @@ def _loaded_libm() -> str:
     return paths[0]
 
 
+@pytest.mark.slow
 def test_reexec_keeps_arguments_and_preloads_once(tmp_path):
     # A harmless library (libm) under an allocator's name stands in for jemalloc, so the
     # re-run itself is exercised on machines without one.

@@ -120,6 +120,7 @@ def test_sigterm_sets_preemption_flag():
         flag.restore()
 
 
+@pytest.mark.slow
 def test_end_to_end_train_eval_sample(tmp_path):
     """Two steps through vdm.main, then --mode=eval and --mode=sample on its checkpoint."""
     flags = th.overrides(train__num_steps=2, train__ckpt_every=1, train__eval_every=2)
@@ -153,6 +154,7 @@ def test_end_to_end_train_eval_sample(tmp_path):
     assert samples.shape == (5, 2) and np.isfinite(samples).all()
 
 
+@pytest.mark.slow
 def test_misspelt_override_fails_naming_the_key(tmp_path):
     proc = th.run_main(tmp_path, "--config.optim.learning_rat=0.1", check=False, timeout=120)
     assert proc.returncode != 0

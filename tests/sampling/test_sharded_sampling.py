@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here reads the results of one subprocess
+
 CHILD = r"""
 import json
 import jax

@@ -107,7 +107,7 @@ class Swirl:
     r = r_min + (r_max - r_min) u, u ~ U[0, 1]. Its density p(x) = int_0^1 N(x; c(u), std^2)
     du has no closed form but is a smooth one-dimensional integral, evaluated by the midpoint
     rule on `quad_points` nodes; the node spacing along the curve is far below std, so the
-    quadrature error is negligible next to any model's error (see tests/test_data.py).
+    quadrature error is negligible next to any model's error (see tests/data/test_data.py).
     """
 
     std: float = 0.04

@@ -52,6 +52,19 @@ TINY = {
 }
 
 
+# A two-block VDM U-Net on the 8x8 digits: convolutions, GroupNorm and attention, compiled in
+# seconds. Its 3x3 kernels (9,216 weights) are big enough to be sharded by train.fsdp.
+UNET = dict(
+    data__name="digits",
+    data__batch_size=8,
+    model__type="vdm_unet",
+    model__n_embd=32,
+    model__n_layers=1,
+    model__norm_groups=8,
+    model__dropout=0.0,
+)
+
+
 def overrides(**extra) -> list[str]:
     """--config flags for TINY updated with `extra` (keys with '__' for '.')."""
     values = dict(TINY)

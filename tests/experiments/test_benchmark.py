@@ -10,17 +10,7 @@ from experiments.bench import costs, report, throughput
 from vdm import parallel
 from vdm.run.setup import build_run
 
-# A two-block VDM U-Net on the 8x8 digits (as in tests/run/test_performance.py): convolutions,
-# GroupNorm and attention, compiled in seconds.
-UNET = dict(
-    data__name="digits",
-    data__batch_size=8,
-    model__type="vdm_unet",
-    model__n_embd=32,
-    model__n_layers=1,
-    model__norm_groups=8,
-    model__dropout=0.0,
-)
+UNET = th.UNET  # the two-block U-Net on digits (tests/train_helpers.py)
 
 
 def test_benchmark_cost_and_memory_queries():

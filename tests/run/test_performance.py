@@ -24,17 +24,7 @@ import train_helpers as th
 
 from vdm.run.setup import KeyStream, build_run
 
-# A two-block VDM U-Net on the 8x8 digits: convolutions, GroupNorm and attention, compiled in
-# seconds. Its 3x3 kernels (9,216 weights) are big enough to be sharded by train.fsdp.
-UNET = dict(
-    data__name="digits",
-    data__batch_size=8,
-    model__type="vdm_unet",
-    model__n_embd=32,
-    model__n_layers=1,
-    model__norm_groups=8,
-    model__dropout=0.0,
-)
+UNET = th.UNET  # the two-block U-Net on digits (tests/train_helpers.py)
 
 # Relative tolerance of the bfloat16 loss: bf16 keeps 8 mantissa bits (relative spacing 2^-8,
 # 0.4%) and the per-example terms average over the batch, so 1% leaves room for accumulated

@@ -9,6 +9,10 @@ Their defaults become the part's typed sub-config (vdm/config_defaults.py builds
 settable from the command line with no other file edited, and an option a part does not
 declare is an error that names it.
 
+A part may also take an *argument* in its name: registered with `argument="source"`, the part
+`tfds` is selected as `tfds:celeb_a` and called with `source="celeb_a"` (the text after the
+first colon). Its options stay in the sub-config of the bare name (`config.data.tfds`).
+
 This module is plain Python: it imports no config library and no JAX, so the pure layers
 (vdm/core, vdm/sampling) can register their parts without depending on the run layer.
 """
@@ -28,12 +32,15 @@ class Entry:
       fn: the callable (a function or a factory).
       options: option name -> default, in signature order.
       doc: the first line of the callable's docstring.
+      argument: the parameter that receives the text after ':' in 'name:text' (None: the
+        part takes no argument and is named plainly).
     """
 
     name: str
     fn: Callable
     options: Mapping[str, Any]
     doc: str
+    argument: str | None = None
 
     def __call__(self, *args, **kwargs):
         """Calls the registered callable directly (positional arguments allowed)."""
@@ -63,25 +70,32 @@ class Registry:
         self.context = tuple(context)
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, fn: Callable | None = None, *, options=None):
+    def register(
+        self, name: str, fn: Callable | None = None, *, options=None, argument: str | None = None
+    ):
         """Registers `fn` under `name` (usable as a decorator when fn is omitted).
 
         Args:
-          name: the part's name; registering a taken name is an error.
+          name: the part's name (no ':'); registering a taken name is an error.
           fn: the callable.
           options: explicit option -> default mapping, for callables whose signature does
             not say it (default: read from the signature).
+          argument: a parameter of fn that the name carries: the part is then selected as
+            'name:value' and called with argument=value. It is never an option.
 
         Returns:
           fn (so the decorator leaves the function as it was).
         """
+        if ":" in name:
+            raise ValueError(f"{self.concept} name {name!r} may not contain ':'.")
 
         def add(fn):
             if name in self._entries:
                 raise ValueError(f"{self.concept} {name!r} is already registered.")
-            opts = dict(options) if options is not None else _signature_options(fn, self.context)
+            skip = self.context + ((argument,) if argument else ())
+            opts = dict(options) if options is not None else _signature_options(fn, skip)
             doc = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-            self._entries[name] = Entry(name, fn, opts, doc)
+            self._entries[name] = Entry(name, fn, opts, doc, argument)
             return fn
 
         return add if fn is None else add(fn)
@@ -91,7 +105,8 @@ class Registry:
         self._entries.pop(name, None)
 
     def __contains__(self, name) -> bool:
-        return name in self._entries
+        """Whether `name`'s part is registered ('tfds:x' asks about 'tfds')."""
+        return isinstance(name, str) and self.part_name(name) in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
@@ -103,13 +118,33 @@ class Registry:
         """Registered names, in registration order."""
         return list(self._entries)
 
+    @staticmethod
+    def split(name: str) -> tuple[str, str | None]:
+        """'part:argument' -> ('part', 'argument'); a plain 'part' -> ('part', None)."""
+        part, colon, argument = name.partition(":")
+        return part, (argument if colon else None)
+
+    def part_name(self, name: str) -> str:
+        """The registered part a selected name refers to ('tfds:celeb_a' -> 'tfds'); its
+        options live under this name."""
+        return self.split(name)[0]
+
     def get(self, name: str) -> Entry:
-        """The entry for `name`; an unknown name is a ValueError listing the known ones."""
-        if name not in self._entries:
-            raise ValueError(
-                f"Unknown {self.concept} {name!r}; choose one of {', '.join(self._entries)}."
+        """The entry for `name` ('part' or 'part:argument'); an unknown name, a missing
+        argument or an argument to a part that takes none is a ValueError saying so."""
+        part, argument = self.split(name)
+        if part not in self._entries:
+            known = ", ".join(
+                f"{n}:<{e.argument}>" if e.argument else n for n, e in self._entries.items()
             )
-        return self._entries[name]
+            raise ValueError(f"Unknown {self.concept} {name!r}; choose one of {known}.")
+        entry = self._entries[part]
+        if entry.argument and not argument:
+            usage = f"{part}:<{entry.argument}>"
+            raise ValueError(f"{self.concept} {part!r} needs its {entry.argument}: write {usage}.")
+        if argument is not None and not entry.argument:
+            raise ValueError(f"{self.concept} {part!r} takes no ':' argument (got {name!r}).")
+        return entry
 
     __getitem__ = get
 
@@ -134,7 +169,7 @@ class Registry:
         """Calls the part with its options and the context arguments its signature names.
 
         Args:
-          name: the part.
+          name: the part ('part:argument' for a part registered with an argument).
           options: the part's options (each must be one it declares).
           **context: concept-wide arguments; each is passed only when the part's signature
             has a parameter of that name, so parts take just what they use.
@@ -144,10 +179,12 @@ class Registry:
         """
         options = dict(options or {})
         self.check(name, options)
-        entry = self._entries[name]
+        entry = self.get(name)
         params = inspect.signature(entry.fn).parameters
         takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
         ctx = {k: v for k, v in context.items() if takes_all or k in params}
+        if entry.argument:
+            ctx[entry.argument] = self.split(name)[1]
         return entry.fn(**ctx, **options)
 
     def defaults(self) -> dict[str, dict[str, Any]]:

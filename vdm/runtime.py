@@ -18,6 +18,13 @@ GPU or TPU they change nothing that matters there.
    (`apt-get install libtcmalloc-minimal4`) and not yet loaded.
 
 Opt out with VDM_XLA_CPU_FLAGS=0 and VDM_ALLOCATOR=system.
+
+3. TensorFlow (imported for the TFDS pipelines and the metric writers) prints INFO lines from
+   C++ at start-up (CPU-feature and oneDNN notices, absl's "log messages before
+   absl::InitializeLog()" banner) before the run's first line. `quiet_tensorflow` sets
+   TF_CPP_MIN_LOG_LEVEL=1 (warnings and errors still show) unless the user has set it; it
+   also applies to XLA's INFO lines. It must run before TensorFlow is imported: `setup` and
+   `configure_xla` (which `import vdm` runs) call it.
 """
 
 import os
@@ -60,7 +67,12 @@ def xla_flags(existing: str, jaxlib_version: str) -> str:
 
 
 def configure_xla() -> None:
-    """Adds the XLA:CPU flags to os.environ; effective if JAX's backend has not started yet."""
+    """Adds the XLA:CPU flags to os.environ; effective if JAX's backend has not started yet.
+
+    Also quiets TensorFlow's (and XLA's) C++ INFO lines (`quiet_tensorflow`): this runs when
+    the vdm package is imported, so it precedes every TensorFlow import made through vdm.
+    """
+    quiet_tensorflow()
     if os.environ.get("VDM_XLA_CPU_FLAGS", "1") == "0":
         return
     import jaxlib.version  # cheap: does not start a backend
@@ -127,8 +139,22 @@ def loaded_allocator() -> str:
     return "glibc"
 
 
+# Environment variables that silence TensorFlow's start-up INFO lines; a user's value wins.
+QUIET_TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "1"}
+
+
+def quiet_tensorflow(env=None) -> None:
+    """Sets QUIET_TF_ENV in `env` (default os.environ) where not already set; effective only
+    before TensorFlow is imported."""
+    env = os.environ if env is None else env
+    for name, value in QUIET_TF_ENV.items():
+        env.setdefault(name, value)
+
+
 def setup(*, reexec: bool = True) -> None:
-    """Both settings: re-run under a better allocator (if any), then set the XLA:CPU flags."""
+    """All settings: quiet TensorFlow, re-run under a better allocator (if any), then set the
+    XLA:CPU flags."""
+    quiet_tensorflow()  # before the re-run, so its environment carries the setting
     if reexec:
         reexec_with_allocator()
     configure_xla()

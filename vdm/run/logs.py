@@ -29,7 +29,7 @@ class _QuietLibraries(logging_std.Filter):
         return record.levelno >= logging_std.WARNING or not noisy
 
 
-_NOISY_LIBRARIES = ("orbax", "jax")
+_NOISY_LIBRARIES = ("orbax", "jax", "tensorflow_datasets")
 
 
 def quiet_library_logs() -> None:
@@ -87,11 +87,21 @@ def clear_done(workdir) -> None:
         path.unlink()
 
 
-def write_config(workdir, config) -> None:
-    """Saves the resolved config as workdir/config.json (process 0 only)."""
+def write_config(workdir, config, *, dataset: dict | None = None) -> None:
+    """Saves the resolved config as workdir/config.json (process 0 only).
+
+    Args:
+      workdir: run directory.
+      config: the run's config.
+      dataset: facts inferred from the data (shape, vocabulary, classes, source details),
+        recorded under "dataset" so a run on one's own files says what it trained on.
+    """
     if jax.process_index() == 0:
+        record = json.loads(config.to_json_best_effort())
+        if dataset is not None:
+            record["dataset"] = dataset
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (epath.Path(workdir) / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def read_metrics(workdir) -> list[dict]:

@@ -16,7 +16,7 @@ from absl import logging
 from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from vdm import parallel
+from vdm import data, parallel
 from vdm.run import logs, writers
 from vdm.run.checkpoint import Checkpoints
 from vdm.run.evaluate import evaluate
@@ -132,7 +132,7 @@ def train(
     writer = writers.create_writer(
         workdir, clock, resume_step=step if restored else None, tensorboard=tensorboard
     )
-    logs.write_config(workdir, config)
+    logs.write_config(workdir, config, dataset=data.info_record(run.info))
     logging.info(
         "%s at step %d on %d devices / %d processes.",
         "Resuming" if restored else "Starting",

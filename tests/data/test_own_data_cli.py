@@ -1,0 +1,225 @@
+"""`python -m vdm.main` end to end on a user's own data, files written by the test: an npz
+archive (labelled, and unlabelled at 5 bits), a folder of images in class sub-folders and a
+TFDS dataset prepared in TFDS's format into tmp_path (read back by name, as a dataset prepared
+on another machine would be). Each run is interrupted (killed, or stopped and relaunched with
+more steps) and must log the same losses, bit for bit, as an uninterrupted run; its final
+evaluation must cover the eval split exactly once.
+
+The image sources share one shape (8x8x3, 3 classes), so their compiled programs are shared
+through the tests' persistent compilation cache.
+"""
+
+import signal
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import train_helpers as th
+from PIL import Image
+
+from vdm import data
+from vdm.config_defaults import base_config
+from vdm.run.setup import build_dataset
+
+# A one-block U-Net on 8x8 images; no sample grid except where a test asks for it.
+IMAGES = dict(
+    model__type="vdm_unet",
+    model__n_embd=8,
+    model__n_layers=1,
+    model__norm_groups=4,
+    data__eval_batch_size=16,
+    train__ckpt_every=3,
+    train__eval_every=1000,
+    train__write_samples=False,
+)
+CLASSES = ("cat", "dog", "owl")
+
+
+def flags(**extra):
+    return th.overrides(**dict(IMAGES, **extra))
+
+
+def final_eval(workdir) -> dict:
+    return [r for r in th.read_metrics(workdir) if "eval/bpd" in r][-1]
+
+
+def run_as_a_user(workdir, *run_flags, log) -> str:
+    """vdm.main to completion in the environment a user has (no TF_CPP_MIN_LOG_LEVEL, which
+    this test process got by importing vdm); returns its output."""
+    env = th.env_for()
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    proc = th.spawn_main(workdir, *run_flags, env=env, log=log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-6000:]
+    return log.read_text()
+
+
+def stop_and_relaunch(tmp_path, steps=6, first=3, last_flags=(), **extra):
+    """An uninterrupted run of `steps` steps, and a run stopped after `first` steps and
+    relaunched to `steps`; asserts equal losses. Returns the (reference, run) workdirs and
+    the first launch's output."""
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    th.run_main(reference, *flags(train__num_steps=steps, **extra))
+    first_output = run_as_a_user(
+        run, *flags(train__num_steps=first, **extra), log=tmp_path / "first.log"
+    )
+    assert th.train_losses(run).keys() == set(range(1, first + 1))
+    th.run_main(run, *flags(train__num_steps=steps, **extra), *last_flags)
+    expected = th.train_losses(reference)
+    assert sorted(expected) == list(range(1, steps + 1))
+    assert th.train_losses(run) == expected
+    assert final_eval(run)["eval/bpd"] == final_eval(reference)["eval/bpd"]
+    return reference, run, first_output
+
+
+@pytest.fixture(scope="module")
+def labelled_npz(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("npz") / "labelled.npz"
+    np.savez(
+        path,
+        train=rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8),
+        test=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8),
+        train_labels=np.arange(64) % 3,
+        test_labels=np.arange(20) % 3,
+    )
+    return str(path)
+
+
+@pytest.mark.slow
+def test_npz_labelled_killed_and_resumed(tmp_path, labelled_npz):
+    run_flags = flags(
+        data__name="npz", data__path=labelled_npz, train__num_steps=100, train__ckpt_every=5
+    )
+    reference = tmp_path / "reference"
+    th.run_main(reference, *run_flags)
+    run = tmp_path / "run"
+    proc = th.spawn_main(run, *run_flags, log=tmp_path / "killed.log")
+    th.wait_for(lambda: th.checkpoint_steps(run), timeout=300, proc=proc, interval=0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run / "DONE").exists()
+    th.run_main(run, *run_flags)
+    expected = th.train_losses(reference)
+    assert sorted(expected) == list(range(1, 101))
+    assert th.train_losses(run) == expected
+    assert final_eval(run)["eval/num_examples"] == 20  # the test array, each example once
+
+
+@pytest.mark.slow
+def test_npz_unlabelled_5_bit_relaunched(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "unlabelled.npz"
+    # [N, H, W] greyscale arrays of int64 values: a channel axis is added, 256 values inferred.
+    np.savez(path, train=rng.integers(0, 256, (48, 8, 8)), eval=rng.integers(0, 256, (10, 8, 8)))
+    _, run, _ = stop_and_relaunch(
+        tmp_path,
+        data__name="npz",
+        data__path=str(path),
+        data__num_bits=5,
+        last_flags=["--config.train.write_samples=true"],
+    )
+    assert final_eval(run)["eval/num_examples"] == 10
+    samples = np.load(run / "samples.npy")  # the model's vocabulary is 2^5 values
+    assert samples.shape == (8, 8, 8, 1) and 0 <= samples.min() and samples.max() <= 31
+
+
+def write_image_folder(root) -> str:
+    rng = np.random.default_rng(2)
+    for split, per_class in (("train", 12), ("test", 3)):
+        for cls in CLASSES:
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                image = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                if i % 3 == 2:  # some JPEGs among the PNGs
+                    Image.fromarray(image).save(folder / f"{i}.jpg", quality=95)
+                else:
+                    Image.fromarray(image).save(folder / f"{i}.png")
+    return str(root)
+
+
+@pytest.mark.slow
+def test_image_folder_with_class_subfolders_relaunched(tmp_path):
+    root = write_image_folder(tmp_path / "images")
+    info = build_dataset(_data_config(name="folder", path=root)).info
+    assert (info.shape, info.num_classes) == ((8, 8, 3), 3)
+    assert info.details["class_names"] == list(CLASSES)
+    _, run, _ = stop_and_relaunch(tmp_path, data__name="folder", data__path=root)
+    assert final_eval(run)["eval/num_examples"] == 9  # test/: 3 classes x 3 images
+
+
+# --- TFDS: a dataset prepared in TFDS's format, read back by name ------------------------------
+
+
+class VdmTinyImages(tfds.core.GeneratorBasedBuilder):
+    """52 labelled 10x12 RGB images in TFDS's format (train 40, test 12)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(10, 12, 3)),
+                    "label": tfds.features.ClassLabel(names=list(CLASSES)),
+                }
+            ),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {"train": self._generate_examples(40, 3), "test": self._generate_examples(12, 4)}
+
+    def _generate_examples(self, num, seed):
+        rng = np.random.default_rng(seed)
+        for i in range(num):
+            image = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+            yield i, {"image": image, "label": i % len(CLASSES)}
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """A data_dir holding vdm_tiny_images, prepared as `tfds build` would."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    config = tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP)
+    VdmTinyImages(data_dir=str(data_dir)).download_and_prepare(download_config=config)
+    return str(data_dir)
+
+
+def _data_config(**values):
+    cfg = base_config().data
+    for key, value in values.items():
+        node, _, leaf = key.rpartition("__")
+        (cfg[node] if node else cfg)[leaf] = value
+    return cfg
+
+
+def test_prepared_tfds_dataset_facts_and_split_errors(tfds_dir):
+    cfg = _data_config(name="tfds:vdm_tiny_images", data_dir=tfds_dir, tfds__image_size=8)
+    info = build_dataset(cfg).info
+    assert (info.shape, info.vocab_size, info.num_classes) == ((8, 8, 3), 256, 3)
+    record = data.info_record(info)
+    assert record["class_names"] == list(CLASSES) and record["stored_shape"] == [10, 12, 3]
+    assert record["num_train"] == 40 and record["num_eval"] == 12
+    cfg.tfds.eval_split = "validation"
+    with pytest.raises(
+        ValueError, match=r"eval_split='validation' is not a split.*'train', 'test'"
+    ):
+        build_dataset(cfg)
+
+
+@pytest.mark.slow
+def test_tfds_dataset_by_name_relaunched_and_quiet(tmp_path, tfds_dir):
+    _, run, first = stop_and_relaunch(
+        tmp_path,
+        data__name="tfds:vdm_tiny_images",
+        data__data_dir=tfds_dir,
+        data__tfds__image_size=8,
+    )
+    assert final_eval(run)["eval/num_examples"] == 12
+    # TensorFlow is imported when the dataset is built, before JAX starts: its C++ start-up
+    # INFO lines (CPU features, oneDNN, absl's pre-initialisation banner) must not show.
+    assert "Starting at step 0" in first
+    for noise in ("cpu_feature_guard", "absl::InitializeLog", "oneDNN custom operations"):
+        assert noise not in first, first[:2000]

@@ -24,6 +24,7 @@ LAYERS = {
     "vdm.parallel": 1,
     "vdm.sampling": 2,
     "vdm.model": 3,
+    "vdm.estimators": 3,
     "vdm.config_defaults": 4,
     "vdm.run": 5,
     "vdm.main": 6,

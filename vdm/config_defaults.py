@@ -14,7 +14,7 @@ has its options in the schema without this file being edited.
 
 import ml_collections
 
-from vdm import data, optim
+from vdm import data, estimators, optim
 from vdm.core import losses, schedules
 from vdm.registry import Registry
 from vdm.sampling import samplers
@@ -44,17 +44,25 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 1
 
-    # Data: see vdm/data. Shape, vocab_size and num_classes are filled from the dataset
-    # when left at their "infer" value (None / -1), so a config cannot disagree with its data.
+    # Data: see vdm/data. The shape, vocabulary and class count come from the dataset (for
+    # npz, folder and tfds:NAME they are inferred and recorded in workdir/config.json).
     c.data = ml_collections.ConfigDict()
-    c.data.name = "digits"  # a vdm.data.DATASETS name: digits|mnist|cifar10|imagenet32|...
+    # A vdm.data.DATASETS name: digits|mnist|cifar10|imagenet32|imagenet64|tfds:NAME[/CONFIG]|
+    # npz|folder|gaussian|mixture2d|swirl.
+    c.data.name = "digits"
     c.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir
+    c.data.path = ml_collections.config_dict.placeholder(str)  # the .npz file or image folder
+    c.data.num_bits = 0  # keep the top bits of 8-bit values: 5 -> vocab 32; 0 = as stored
+    c.data.vocab_size = 0  # values per sub-pixel of integer-coded npz/folder/tfds data; 0 = infer
     c.data.batch_size = 64  # global batch, split over all devices and processes
     c.data.eval_batch_size = 256
     c.data.augment = False  # paper's flips + 90-degree rotations; flag fed as conditioning
     c.data.prefetch = 2  # batches the TFDS pipeline prepares ahead
     c.data.shuffle_buffer = 50_000  # TFDS per-epoch shuffle buffer (examples)
-    add_part_options(c.data, data.DATASETS)  # e.g. data.gaussian.dim, data.swirl.num_train
+    # Each source's options: data.tfds.{image_key, label_key, train_split, eval_split,
+    # image_size, channels}, data.folder.{image_size, channels, eval_fraction},
+    # data.npz.eval_fraction, data.gaussian.dim, data.swirl.num_train, ...
+    add_part_options(c.data, data.DATASETS)
 
     # Score network: see vdm/nets.
     c.model = ml_collections.ConfigDict()
@@ -121,6 +129,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Evaluation: full-split ELBO bits/dim, deterministic.
     c.eval = ml_collections.ConfigDict()
+    # Likelihood estimators (vdm/estimators.py), comma-separated: elbo | ode | elbo,ode. Each
+    # one's options: eval.ode.{dequantization, trace, num_probes, probe, solver, rtol, ...}.
+    c.eval.estimator = "elbo"
+    add_part_options(c.eval, estimators.ESTIMATORS)
     c.eval.num_draws = 1  # (t, eps) draws per example
     c.eval.max_examples = -1  # -1 = whole split
     c.eval.use_ema = True

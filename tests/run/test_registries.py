@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from vdm import data, optim
 from vdm.core import losses, schedules
+from vdm.estimators import ESTIMATORS
 from vdm.registry import Registry
 from vdm.run import loop
 from vdm.run.sample import draw_samples
@@ -36,6 +37,7 @@ CONCEPTS = {
     "weighting": (losses.WEIGHTINGS, "loss", "weighting"),
     "optimizer": (optim.OPTIMIZERS, "optim", "name"),
     "dataset": (data.DATASETS, "data", "name"),
+    "estimator": (ESTIMATORS, "eval", "estimator"),
 }
 
 

@@ -1,7 +1,9 @@
-"""Evaluation: the full-split ELBO of a run's parameters, and `--mode=eval` on a checkpoint.
+"""Evaluation: the likelihood of a run's parameters on the whole eval split with every
+estimator `config.eval.estimator` names (vdm/estimators.py), and `--mode=eval` on a
+checkpoint, which also writes one JSON record per estimator.
 
 The eval split is covered exactly once (padding masked out) with the EVAL key stream, so the
-figure is deterministic for a given checkpoint and device count.
+figures are deterministic for a given checkpoint and device count.
 """
 
 import functools
@@ -12,6 +14,7 @@ import numpy as np
 from etils import epath
 
 from vdm import parallel
+from vdm.estimators import ESTIMATORS
 from vdm.run.checkpoint import CheckpointError
 from vdm.run.setup import KeyStream, Run
 from vdm.sampling import likelihood
@@ -21,6 +24,31 @@ from vdm.sampling import likelihood
 def _eval_terms(model):
     # One jitted function per model, so periodic evals compile once.
     return jax.jit(lambda p, b, k: model.loss_terms(p, b, k, train=False))
+
+
+@functools.lru_cache(maxsize=8)
+def _estimate_fn(model, name: str, options: tuple, batch_sharding):
+    # One jitted estimator per (model, estimator, options): options are compiled in.
+    def estimate(params, batch, key):
+        return ESTIMATORS.build(
+            name, dict(options), model=model, params=params, batch=batch, key=key,
+            batch_sharding=batch_sharding,
+        )  # fmt: skip
+
+    return jax.jit(estimate)
+
+
+def estimate(run: Run, params, name: str, *, max_examples: int | None = None) -> dict:
+    """One registered estimator over the eval split: {'bpd', 'bpd_stderr', terms, ...}."""
+    options = tuple(sorted(run.estimators.get(name, {}).items()))
+    fn = _estimate_fn(run.model, name, options, parallel.batch_sharding(run.mesh))
+    batches = (parallel.global_batch(b, run.mesh) for b in run.eval_batches(max_examples))
+    return likelihood.evaluate_estimate(
+        lambda b, k: fn(params, b, k),
+        batches,
+        key=run.key(KeyStream.EVAL),
+        num_draws=run.config.eval.num_draws,
+    )
 
 
 def true_bpd(run: Run, max_examples: int | None = None) -> float:
@@ -41,8 +69,28 @@ def evaluate(run: Run, params, *, max_examples: int | None = None) -> dict:
       max_examples: cap on examples; None = config.eval.max_examples (-1 = all).
 
     Returns:
-      Dict of floats named 'eval/...'.
+      Dict of floats named 'eval/...': the ELBO's as 'eval/bpd', 'eval/bpd_stderr',
+      'eval/diffusion_bpd', ...; any other estimator's as 'eval/<name>_bpd', ...
     """
+    out = {}
+    if "elbo" in run.estimators:
+        out.update(_evaluate_elbo(run, params, max_examples))
+    for name in run.estimators:
+        if name != "elbo":
+            result = estimate(run, params, name, max_examples=max_examples)
+            out.update({f"eval/{name}_{k}": float(v) for k, v in result.items()})
+    g0, g1 = run.model.endpoints(params)
+    out["eval/gamma_0"], out["eval/gamma_1"] = float(g0), float(g1)
+    if run.info.log_prob is not None:
+        out["eval/true_bpd"] = true_bpd(run, max_examples)
+        for name in run.estimators:
+            key = "eval/bpd" if name == "elbo" else f"eval/{name}_bpd"
+            gap = "eval/bpd_gap" if name == "elbo" else f"eval/{name}_bpd_gap"
+            out[gap] = out[key] - out["eval/true_bpd"]
+    return out
+
+
+def _evaluate_elbo(run: Run, params, max_examples: int | None) -> dict:
     terms = _eval_terms(run.model)
     batches = (parallel.global_batch(b, run.mesh) for b in run.eval_batches(max_examples))
     result = likelihood.evaluate_elbo(
@@ -51,16 +99,7 @@ def evaluate(run: Run, params, *, max_examples: int | None = None) -> dict:
         key=run.key(KeyStream.EVAL),
         num_draws=run.config.eval.num_draws,
     )
-    out = {}
-    for name, value in result.items():
-        if np.ndim(value) == 0:
-            out[f"eval/{name}"] = float(np.asarray(value))
-    g0, g1 = run.model.endpoints(params)
-    out["eval/gamma_0"], out["eval/gamma_1"] = float(g0), float(g1)
-    if run.info.log_prob is not None:
-        out["eval/true_bpd"] = true_bpd(run, max_examples)
-        out["eval/bpd_gap"] = out["eval/bpd"] - out["eval/true_bpd"]
-    return out
+    return {f"eval/{k}": float(np.asarray(v)) for k, v in result.items() if np.ndim(v) == 0}
 
 
 def restore_latest(run: Run, workdir):
@@ -81,7 +120,10 @@ def restore_latest(run: Run, workdir):
 
 
 def evaluate_checkpoint(run: Run, workdir) -> dict:
-    """Full-split ELBO of the latest checkpoint; writes workdir/eval_<step>.json.
+    """Every configured estimator on the latest checkpoint.
+
+    Writes workdir/eval_<step>.json (all metrics) and one record per estimator,
+    workdir/eval/<step>-<estimator>[-<dequantization>].json, with the options and data named.
 
     Returns:
       The eval metrics (floats), plus 'step'.
@@ -92,8 +134,39 @@ def evaluate_checkpoint(run: Run, workdir) -> dict:
     if jax.process_index() == 0:
         path = epath.Path(workdir) / f"eval_{step}.json"
         path.write_text(json.dumps(metrics, indent=2) + "\n")
-        print(
-            f"Step {step}: test bits/dim {metrics['eval/bpd']:.4f} "
-            f"+- {metrics.get('eval/bpd_stderr', float('nan')):.4f}; written to {path}"
-        )
+        for name, options in run.estimators.items():
+            record = _record(run, metrics, step, name, options)
+            tag = "-".join([str(step), name] + ([options["dequantization"]]
+                           if "dequantization" in options else []))  # fmt: skip
+            out = epath.Path(workdir) / "eval" / f"{tag}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(record, indent=2) + "\n")
+            print(
+                f"Step {step}, {name}: test bits/dim {record['bpd']:.4f} "
+                f"+- {record['bpd_stderr']:.4f}; written to {out}"
+            )
     return metrics
+
+
+def _record(run: Run, metrics: dict, step: int, name: str, options: dict) -> dict:
+    """One estimator's figures, settings and data, as written to workdir/eval/."""
+    others = tuple(f"eval/{n}_" for n in run.estimators if n != name and n != "elbo")
+    prefix = "eval/" if name == "elbo" else f"eval/{name}_"
+    figures = {
+        k[len(prefix) :]: v
+        for k, v in metrics.items()
+        if k.startswith(prefix) and not k.startswith(others)
+    }
+    if "num_examples" in figures:
+        figures["num_examples"] = int(figures["num_examples"])
+    return {
+        "estimator": name,
+        "options": options,
+        **figures,
+        "step": step,
+        "use_ema": bool(run.config.eval.use_ema),
+        "num_draws": int(run.config.eval.num_draws),
+        "dataset": run.info.name,
+        "vocab_size": run.info.vocab_size,
+        "units": "bits per dimension of the data as stored (its own vocabulary)",
+    }

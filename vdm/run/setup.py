@@ -19,6 +19,7 @@ import optax
 
 from vdm import data, nets, optim, parallel
 from vdm.core import schedules
+from vdm.estimators import ESTIMATORS
 from vdm.model import DiffusionModel, Objective, SamplerSpec
 from vdm.registry import Registry
 from vdm.run.checkpoint import Checkpoints
@@ -77,12 +78,13 @@ def build_part(registry: Registry, node: ml_collections.ConfigDict, selector: st
       **extra: further context arguments.
 
     Returns:
-      registry.build(name, node.<name>, **shared keys of node, **extra); shared keys reach the
-      part only when its signature names them.
+      registry.build(name, node.<part>, **shared keys of node, **extra); shared keys reach the
+      part only when its signature names them. The part of 'part:argument' (e.g. data.name
+      'tfds:celeb_a') takes its options from node.<part> (config.data.tfds).
     """
     name = node[selector]
     shared = shared_keys(node, selector)
-    return registry.build(name, part_options(node, name), **shared, **extra)
+    return registry.build(name, part_options(node, registry.part_name(name)), **shared, **extra)
 
 
 def build_dataset(data_config: ml_collections.ConfigDict) -> data.Dataset:
@@ -128,6 +130,18 @@ def sampler_spec(sample_config: ml_collections.ConfigDict) -> SamplerSpec:
     return spec
 
 
+def estimator_options(eval_config: ml_collections.ConfigDict) -> dict[str, dict]:
+    """{estimator: its options} for the comma-separated config.eval.estimator, checked."""
+    names = [n.strip() for n in str(eval_config.estimator).split(",") if n.strip()]
+    if not names:
+        raise ValueError("eval.estimator is empty; use elbo, ode or elbo,ode.")
+    out = {}
+    for name in names:
+        out[name] = part_options(eval_config, name)
+        ESTIMATORS.check(name, out[name])
+    return out
+
+
 @dataclasses.dataclass(eq=False)
 class Run:
     """Everything a train/eval/sample job needs, assembled once from a config.
@@ -142,6 +156,7 @@ class Run:
       abstract_state: the state's ShapeDtypeStructs carrying shardings (restore target).
       state_shardings: the state's sharding tree.
       sampler: the SamplerSpec of config.sample.
+      estimators: {name: options} of the likelihood estimators config.eval.estimator names.
       seed: the run's seed.
     """
 
@@ -154,6 +169,7 @@ class Run:
     abstract_state: Any
     state_shardings: Any
     sampler: SamplerSpec
+    estimators: dict
     seed: int
 
     @property
@@ -247,5 +263,6 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         abstract_state=parallel.with_shardings(shapes, shardings),
         state_shardings=shardings,
         sampler=sampler_spec(config.sample),
+        estimators=estimator_options(config.eval),
         seed=int(config.seed),
     )

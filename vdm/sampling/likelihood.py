@@ -67,8 +67,8 @@ def _batch_stats(per_draw: dict, mask):
     return jnp.stack(out)
 
 
-def _combine(stats: np.ndarray) -> dict[str, float]:
-    """Merges per-batch [count, sum, M2, ...] rows (float64) into the split's statistics."""
+def _merge_moments(stats: np.ndarray):
+    """(n, mean, M2) of the split from per-batch [count, sum, M2] rows (Chan et al.)."""
     n_tot, mean, m2 = 0.0, 0.0, 0.0
     for n, s, m2_b in stats[:, :3]:
         if n == 0:
@@ -80,7 +80,13 @@ def _combine(stats: np.ndarray) -> dict[str, float]:
         mean = mean + delta * n / n_new
         n_tot = n_new
     if n_tot == 0:
-        raise ValueError("evaluate_elbo saw no real examples (every mask entry was 0).")
+        raise ValueError("The evaluation saw no real examples (every mask entry was 0).")
+    return n_tot, mean, m2
+
+
+def _combine(stats: np.ndarray) -> dict[str, float]:
+    """Merges per-batch [count, sum, M2, ...] rows (float64) into the split's statistics."""
+    n_tot, mean, m2 = _merge_moments(stats)
     sums = stats[:, 3:].sum(axis=0)
     diffusion, prior, recon, total = sums / n_tot
     # bits/dim = nats / (D ln 2) with the same D for every example, so the ratio of the mean
@@ -181,6 +187,76 @@ _ODE_STATIC = (
     "denoise_fn", "schedule", "parameterization", "t0", "t1", "trace", "num_probes",
     "probe", "solver", "steps", "rtol", "atol", "max_steps", "batch_sharding",
 )  # fmt: skip
+
+
+@jax.jit
+def _masked_moments(values, mask):
+    """[count, sum, M2] of the masked entries of a [B] array (M2 about the batch's mean)."""
+    real = mask > 0
+    n = jnp.sum(real.astype(jnp.float32))
+    s = jnp.sum(jnp.where(real, values, 0.0))
+    mean = s / jnp.maximum(n, 1.0)
+    m2 = jnp.sum(jnp.where(real, jnp.square(values - mean), 0.0))
+    return jnp.stack([n, s, m2])
+
+
+def evaluate_estimate(
+    estimate_fn: Callable, batches: Iterable[dict], *, key, num_draws: int = 1
+) -> dict[str, float]:
+    """Mean bits/dim of any per-example estimator over a split, its standard error, and the
+    means of its other per-example terms.
+
+    Keys as in `evaluate_elbo` (batch i, draw d uses fold_in(fold_in(key, i), d)); each
+    example's draws are averaged before the spread is taken; statistics are reduced on the
+    devices per batch and merged on the host in float64.
+
+    Args:
+      estimate_fn: (batch, key) -> dict with 'bpd' [B], optionally other [B] terms, and
+        optionally a scalar 'num_steps' (solver steps for the batch); normally jitted.
+      batches: iterable of batch dicts with 'mask'.
+      key: PRNG key.
+      num_draws: Monte-Carlo draws per example.
+
+    Returns:
+      {'bpd', 'bpd_stderr', 'num_examples', '<term>' means, 'num_steps_mean',
+      'num_steps_max'} (the last two when the estimator reports steps).
+    """
+    if num_draws < 1:
+        raise ValueError(f"num_draws must be >= 1, got {num_draws}.")
+    moments, sums, steps = [], [], []
+    for i, batch in enumerate(batches):
+        k_batch = jax.random.fold_in(key, i)
+        acc = None
+        for d in range(num_draws):
+            out = estimate_fn(batch, jax.random.fold_in(k_batch, d))
+            if "num_steps" in out:
+                steps.append(out.pop("num_steps"))
+            acc = out if acc is None else jax.tree.map(jnp.add, acc, out)
+        mean = jax.tree.map(lambda a: a / num_draws, acc)
+        mask = batch["mask"]
+        moments.append(_masked_moments(mean["bpd"], mask))
+        sums.append({k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in mean.items()})
+    if not moments:
+        raise ValueError("evaluate_estimate got no batches.")
+    stats = np.asarray(jax.device_get(jnp.stack(moments)), np.float64)
+    n_tot, mean, m2 = _merge_moments(stats)
+    std = np.sqrt(m2 / (n_tot - 1)) if n_tot > 1 else 0.0
+    result = {
+        "bpd": float(mean),
+        "bpd_stderr": float(std / np.sqrt(n_tot)),
+        "num_examples": int(round(n_tot)),
+    }
+    totals = jax.device_get(sums)
+    for name in totals[0]:
+        if name != "bpd":
+            result[name] = float(sum(float(t[name]) for t in totals) / n_tot)
+    if steps:
+        counts = np.asarray(jax.device_get(steps), np.float64)
+        result["num_steps_mean"], result["num_steps_max"] = (
+            float(counts.mean()),
+            float(counts.max()),
+        )
+    return result
 
 
 @functools.partial(jax.jit, static_argnames=_ODE_STATIC)

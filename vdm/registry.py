@@ -136,8 +136,7 @@ class Registry:
         if part not in self._entries:
             # Sorted, so the message does not depend on the order modules were imported in.
             known = ", ".join(
-                f"{n}:<{e.argument}>" if e.argument else n
-                for n, e in sorted(self._entries.items())
+                f"{n}:<{e.argument}>" if e.argument else n for n, e in sorted(self._entries.items())
             )
             raise ValueError(f"Unknown {self.concept} {name!r}; choose one of {known}.")
         entry = self._entries[part]

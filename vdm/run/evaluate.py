@@ -21,14 +21,8 @@ from vdm.sampling import likelihood
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_terms(model):
-    # One jitted function per model, so periodic evals compile once.
-    return jax.jit(lambda p, b, k: model.loss_terms(p, b, k, train=False))
-
-
-@functools.lru_cache(maxsize=8)
 def _estimate_fn(model, name: str, options: tuple, batch_sharding):
-    # One jitted estimator per (model, estimator, options): options are compiled in.
+    # One jitted estimator per (model, estimator, options), so periodic evals compile once.
     def estimate(params, batch, key):
         return ESTIMATORS.build(
             name, dict(options), model=model, params=params, batch=batch, key=key,
@@ -53,15 +47,15 @@ def estimate(run: Run, params, name: str, *, max_examples: int | None = None) ->
 
 def true_bpd(run: Run, max_examples: int | None = None) -> float:
     """The data distribution's own NLL of the eval split in bits/dim (known densities)."""
-    x = [b["x"][b["mask"] > 0] for b in run.dataset.eval_batches(
-        batch_size=1024, max_examples=run.config.eval.max_examples
-        if max_examples is None else max_examples)]  # fmt: skip
+    cap = run.config.eval.max_examples if max_examples is None else max_examples
+    batches = run.dataset.eval_batches(batch_size=1024, max_examples=cap)
+    x = [b["x"][b["mask"] > 0] for b in batches]
     nll = -run.info.log_prob(np.concatenate(x))
     return float(np.mean(nll) / (run.model.num_dims * np.log(2.0)))
 
 
 def evaluate(run: Run, params, *, max_examples: int | None = None) -> dict:
-    """Full-split ELBO in bits/dim (with breakdown) and the schedule endpoints.
+    """Every configured estimator over the eval split, and the schedule endpoints.
 
     Args:
       run: the Run.
@@ -91,7 +85,8 @@ def evaluate(run: Run, params, *, max_examples: int | None = None) -> dict:
 
 
 def _evaluate_elbo(run: Run, params, max_examples: int | None) -> dict:
-    terms = _eval_terms(run.model)
+    # The registered elbo estimator, reduced with the ELBO's own term breakdown.
+    terms = _estimate_fn(run.model, "elbo", (), parallel.batch_sharding(run.mesh))
     batches = (parallel.global_batch(b, run.mesh) for b in run.eval_batches(max_examples))
     result = likelihood.evaluate_elbo(
         lambda b, k: terms(params, b, k),

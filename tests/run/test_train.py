@@ -168,3 +168,14 @@ def test_image_grid_and_schedule_plot(tmp_path):
     t = np.linspace(0, 1, 5)
     pictures.save_schedule_plot(tmp_path / "s.png", t, -13.3 + 18.3 * t)
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_profile_steps_write_a_trace(tmp_path):
+    """train.profile_steps > 0 runs clu's Profile action (first trace at step 10)."""
+    from vdm.run import loop
+
+    config = th.load_config(train__num_steps=13, train__eval_every=100, train__profile_steps=2)
+    config.train.write_samples = False
+    loop.train_and_evaluate(config, str(tmp_path), tensorboard=False)
+    traces = list((tmp_path / "plugins" / "profile").rglob("*.xplane.pb"))
+    assert traces, sorted(str(p) for p in tmp_path.rglob("*"))[:20]

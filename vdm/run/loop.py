@@ -152,8 +152,13 @@ def train(
         hooks.append(report)
         if tc.profile_steps > 0:
             hooks.append(
+                # Stop after the steps alone: clu's default also waits 3 s, so a short run
+                # or fast steps would end before the trace is ever written.
                 periodic_actions.Profile(
-                    logdir=str(workdir), num_profile_steps=tc.profile_steps, every_secs=None
+                    logdir=str(workdir),
+                    num_profile_steps=tc.profile_steps,
+                    profile_duration_ms=None,
+                    every_secs=None,
                 )
             )
     every = [tc.log_every, tc.eval_every, tc.ckpt_every]

@@ -127,15 +127,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.write_samples = True
     c.train.profile_steps = 0  # >0: clu Profile traces this many steps (TensorBoard profile)
 
-    # Evaluation: full-split ELBO bits/dim, deterministic.
+    # Evaluation: full-split likelihoods in bits/dim, deterministic (vdm/run/evaluate.py).
     c.eval = ml_collections.ConfigDict()
     # Likelihood estimators (vdm/estimators.py), comma-separated: elbo | ode | elbo,ode. Each
     # one's options: eval.ode.{dequantization, trace, num_probes, probe, solver, rtol, ...}.
     c.eval.estimator = "elbo"
     add_part_options(c.eval, estimators.ESTIMATORS)
-    c.eval.num_draws = 1  # (t, eps) draws per example
+    c.eval.num_draws = 1  # (t, eps) draws per example (independent times at evaluation)
     c.eval.max_examples = -1  # -1 = whole split
     c.eval.use_ema = True
+    c.eval.split = "eval"  # eval: the dataset's test/validation split; train: its train split
+    # Class-conditional models, comma-separated: label = -log p(x | y) with the data's labels;
+    # null = -log p(x) through the null label (trained by label dropout). Ignored otherwise.
+    c.eval.condition = "label,null"
+    # --mode=eval: seconds between progress lines and saves of the finished batches'
+    # partial results (workdir/eval/partial/), from which a relaunch resumes; 0 = every batch.
+    c.eval.report_every = 30.0
 
     # Sampling (--mode=sample and the end-of-training grid).
     c.sample = ml_collections.ConfigDict()

@@ -12,17 +12,24 @@ error. Options are the keyword parameters (`config.eval.<estimator>.*`):
         continuous data), trace estimator and solver.
 """
 
+import math
+
 from vdm.registry import Registry
 from vdm.sampling import likelihood
+
+# The ELBO's terms, reported as '<term>_bpd'.
+ELBO_TERMS = ("diffusion", "prior", "recon")
 
 ESTIMATORS = Registry("estimator", context=("model", "params", "batch", "key", "batch_sharding"))
 
 
 @ESTIMATORS.register("elbo")
 def elbo(model, params, batch, key):
-    """The negative ELBO in bits/dim, with its diffusion/prior/reconstruction terms (nats)."""
+    """The negative ELBO in bits/dim, with its diffusion/prior/reconstruction terms in bits/dim
+    (they add up to 'bpd')."""
     terms = model.loss_terms(params, batch, key, train=False)
-    return {k: terms[k] for k in ("bpd", "diffusion", "prior", "recon", "total")}
+    to_bpd = 1.0 / (model.num_dims * math.log(2.0))
+    return {"bpd": terms["bpd"], **{f"{n}_bpd": terms[n] * to_bpd for n in ELBO_TERMS}}
 
 
 @ESTIMATORS.register("ode")

@@ -46,6 +46,8 @@ __all__ = [
 # Shared keys that only some sources read, with their "not set" values: setting one for a
 # source whose factory does not name it is an error rather than silently ignored.
 SOURCE_KEYS = {"path": (None, ""), "num_bits": (0,), "vocab_size": (0,)}
+# What eval.split may name: the dataset's evaluation split or its training split.
+EVAL_SPLITS = ("eval", "train")
 
 
 class DatasetRegistry(Registry):
@@ -88,6 +90,8 @@ class DatasetInfo:
       num_classes: number of labels (0 when unlabelled).
       log_prob: exact log-density (nats) of a batch of examples [N, ...] -> [N], for the
         known-density datasets; None otherwise.
+      log_prob_given: exact conditional log-density log p(x | label), (x [N, ...], labels
+        [N]) -> [N], for labelled known-density datasets; None otherwise.
       details: further facts found when the dataset was built, JSON-ready (source, path,
         example counts, class names, ...), recorded with the run by `info_record`.
     """
@@ -97,6 +101,7 @@ class DatasetInfo:
     vocab_size: int | None
     num_classes: int
     log_prob: Callable | None = dataclasses.field(default=None, repr=False)
+    log_prob_given: Callable | None = dataclasses.field(default=None, repr=False)
     details: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
 
 
@@ -125,13 +130,19 @@ class Dataset:
       info: the DatasetInfo.
       train_source: (batch_size, seed, start_step, process_index, process_count) keywords ->
         endless local training batches.
-      eval_source: (batch_size, process_index, process_count, max_examples) keywords ->
-        the eval split once as padded local batches with 'mask'.
+      eval_source: (batch_size, process_index, process_count, max_examples, split)
+        keywords -> a split once as padded local batches with 'mask' (split 'eval' is the
+        dataset's evaluation split, 'train' its training split).
+      split_size: 'eval'|'train' -> the split's number of examples, None when unknown
+        without reading it (used for progress and ETA only).
     """
 
     info: DatasetInfo
     train_source: Callable[..., Iterator[dict]] = dataclasses.field(repr=False)
     eval_source: Callable[..., Iterator[dict]] = dataclasses.field(repr=False)
+    split_size: Callable[[str], int | None] = dataclasses.field(
+        default=lambda split: None, repr=False
+    )
 
     def train_batches(
         self,
@@ -183,22 +194,27 @@ class Dataset:
         process_index: int = 0,
         process_count: int = 1,
         max_examples: int = -1,
+        split: str = "eval",
     ) -> Iterator[dict]:
-        """The evaluation split once, in a fixed order, as this process's padded batches.
+        """A split once, in a fixed order, as this process's padded batches.
 
         Args:
           batch_size: rows per local batch.
           process_index, process_count: this process and how many there are.
           max_examples: use only the split's first max_examples examples (-1: all).
+          split: 'eval' (the dataset's evaluation split) or 'train' (its training split).
 
         Returns:
           An iterator of local batch dicts with 'mask'; every process yields as many batches.
         """
+        if split not in EVAL_SPLITS:
+            raise ValueError(f"eval.split={split!r}; use one of {', '.join(EVAL_SPLITS)}.")
         return self.eval_source(
             batch_size=batch_size,
             process_index=process_index,
             process_count=process_count,
             max_examples=max_examples,
+            split=split,
         )
 
 
@@ -208,10 +224,10 @@ def in_memory(info: DatasetInfo, load: Callable[[str], dict]) -> Dataset:
     def train_source(*, batch_size, **kw):
         return memory.train_batches(load("train"), global_batch=batch_size, **kw)
 
-    def eval_source(**kw):
-        return memory.eval_batches(load("eval"), **kw)
+    def eval_source(split="eval", **kw):
+        return memory.eval_batches(load(split), **kw)
 
-    return Dataset(info, train_source, eval_source)
+    return Dataset(info, train_source, eval_source, lambda split: len(load(split)["x"]))
 
 
 @DATASETS.register("digits")
@@ -242,6 +258,7 @@ def reduce_bits(dataset: Dataset, num_bits: int) -> Dataset:
         reduced,
         lambda **kw: shifted(dataset.train_source(**kw)),
         lambda **kw: shifted(dataset.eval_source(**kw)),
+        dataset.split_size,
     )
 
 
@@ -265,7 +282,10 @@ def _tfds_dataset(source, info, data_dir, prefetch, shuffle_buffer, check_vocab=
     def eval_source(**kw):
         return checked(tfds_images.eval_batches(source, info, **common, **kw))
 
-    return Dataset(info, train_source, eval_source)
+    def split_size(split):
+        return info.details.get("num_train" if split == "train" else "num_eval")
+
+    return Dataset(info, train_source, eval_source, split_size)
 
 
 def _tfds_preset(name: str):
@@ -389,7 +409,14 @@ def folder(
 def _known_density(name: str, dim: int, num_train: int, num_eval: int) -> Dataset:
     dist = densities.get_density(name, dim)
     classes = dist.num_classes if dist.labelled else 0
-    info = DatasetInfo(name, (dim,), None, classes, log_prob=dist.log_prob)
+    info = DatasetInfo(
+        name,
+        (dim,),
+        None,
+        classes,
+        log_prob=dist.log_prob,
+        log_prob_given=dist.log_prob_given if dist.labelled else None,
+    )
 
     def load(split):
         num = num_train if split == "train" else num_eval

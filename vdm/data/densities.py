@@ -87,6 +87,13 @@ class Mixture:
         )
         return special.logsumexp(per + np.log(self.weights), axis=-1)
 
+    def log_prob_given(self, x, labels) -> np.ndarray:
+        """Exact log-density (nats) of each row of x given its component (label), log p(x|y)."""
+        x = np.asarray(x, np.float64)
+        labels = np.asarray(labels)
+        mean, var = self.means[labels], self.variances[labels]
+        return -0.5 * np.sum((x - mean) ** 2 / var + np.log(var) + _LOG_2PI, axis=-1)
+
 
 def default_mixture2d(num_components: int = 8) -> Mixture:
     """Equal-weight components on a circle of radius 0.7 with standard deviation 0.08."""

@@ -301,9 +301,19 @@ def train_batches(
 
 
 def eval_batches(
-    source, info, *, data_dir, prefetch, batch_size, process_index, process_count, max_examples
+    source,
+    info,
+    *,
+    data_dir,
+    prefetch,
+    batch_size,
+    process_index,
+    process_count,
+    max_examples,
+    split="eval",
 ):
-    """The eval split once, this process's share, as padded batches with a 'mask'.
+    """The eval split (or, split='train', the training split) once, this process's share, as
+    padded batches with a 'mask'.
 
     Every process yields ceil(ceil(N / P) / b) batches (its share has floor or ceil of N / P
     examples), padding with zero images of mask 0, so they stay in step for collectives.
@@ -312,7 +322,7 @@ def eval_batches(
 
     _tf()
     builder = _builder(source.name, data_dir)
-    split = source.eval_split
+    split = source.train_split if split == "train" else source.eval_split
     n = int(_read(builder, split, data_dir).cardinality())
     if max_examples >= 0 and max_examples < n:
         if "[" in split or "+" in split:

@@ -130,6 +130,21 @@ def sampler_spec(sample_config: ml_collections.ConfigDict) -> SamplerSpec:
     return spec
 
 
+CONDITIONS = ("label", "null")
+
+
+def eval_conditions(eval_config: ml_collections.ConfigDict, num_classes: int) -> tuple:
+    """The conditionings config.eval.condition names, checked; () for unconditional models."""
+    names = tuple(n.strip() for n in str(eval_config.condition).split(",") if n.strip())
+    bad = [n for n in names if n not in CONDITIONS]
+    if bad or not names:
+        raise ValueError(
+            f"eval.condition={eval_config.condition!r}: use label, null or label,null "
+            "(label: -log p(x|y); null: -log p(x) through the null label)."
+        )
+    return names if num_classes else ()
+
+
 def estimator_options(eval_config: ml_collections.ConfigDict) -> dict[str, dict]:
     """{estimator: its options} for the comma-separated config.eval.estimator, checked."""
     names = [n.strip() for n in str(eval_config.estimator).split(",") if n.strip()]
@@ -157,6 +172,8 @@ class Run:
       state_shardings: the state's sharding tree.
       sampler: the SamplerSpec of config.sample.
       estimators: {name: options} of the likelihood estimators config.eval.estimator names.
+      conditions: the conditionings evaluated for a class-conditional model (label, null);
+        () for an unconditional one.
       seed: the run's seed.
     """
 
@@ -170,6 +187,7 @@ class Run:
     state_shardings: Any
     sampler: SamplerSpec
     estimators: dict
+    conditions: tuple
     seed: int
 
     @property
@@ -218,13 +236,15 @@ class Run:
         )
 
     def eval_batches(self, max_examples: int | None = None):
-        """This process's padded share of the eval split (config.eval.max_examples if None)."""
+        """This process's padded share of config.eval.split (config.eval.max_examples if
+        `max_examples` is None)."""
         cap = self.config.eval.max_examples if max_examples is None else max_examples
         return self.dataset.eval_batches(
             batch_size=max(self.config.data.eval_batch_size // jax.process_count(), 1),
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             max_examples=cap,
+            split=self.config.eval.split,
         )
 
     def eval_params(self, state: TrainState):
@@ -246,6 +266,10 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
       The Run.
     """
     dataset = build_dataset(config.data)
+    if config.eval.split not in data.EVAL_SPLITS:
+        raise ValueError(
+            f"eval.split={config.eval.split!r}; use one of {', '.join(data.EVAL_SPLITS)}."
+        )
     model = build_diffusion_model(config, dataset.info)
     o = config.optim
     optimizer = call_with(optim.make_optimizer, o, options=part_options(o, o.name))
@@ -264,5 +288,6 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         state_shardings=shardings,
         sampler=sampler_spec(config.sample),
         estimators=estimator_options(config.eval),
+        conditions=eval_conditions(config.eval, model.num_classes),
         seed=int(config.seed),
     )

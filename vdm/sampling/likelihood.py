@@ -36,71 +36,11 @@ from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from vdm.core import decoder, diffusion
+from vdm.core import decoder, diffusion, split_stats
 from vdm.sampling import ode
 from vdm.sampling.model import eps_model
 from vdm.sampling.sharded import constrain
-
-# The per-batch statistics kept on device, in this order.
-_STATS = ("count", "bpd_sum", "bpd_m2", "diffusion", "prior", "recon", "total")
-
-
-@jax.jit
-def _batch_stats(per_draw: dict, mask):
-    """Reduces one batch's draw-averaged terms to a few masked scalars.
-
-    The spread is kept as the sum of squared deviations around the batch's own mean (M2),
-    which the host combines across batches in float64 (Chan et al.'s parallel variance), so
-    a long split in float32 loses no precision to E[x^2] - E[x]^2 cancellation.
-    """
-    real = mask > 0
-    n = jnp.sum(real.astype(jnp.float32))
-    bpd = jnp.where(real, per_draw["bpd"], 0.0)
-    s = jnp.sum(bpd)
-    mean = s / jnp.maximum(n, 1.0)
-    m2 = jnp.sum(jnp.where(real, jnp.square(per_draw["bpd"] - mean), 0.0))
-    out = [n, s, m2]
-    for name in ("diffusion", "prior", "recon", "total"):
-        out.append(jnp.sum(jnp.where(real, per_draw[name], 0.0)))
-    return jnp.stack(out)
-
-
-def _merge_moments(stats: np.ndarray):
-    """(n, mean, M2) of the split from per-batch [count, sum, M2] rows (Chan et al.)."""
-    n_tot, mean, m2 = 0.0, 0.0, 0.0
-    for n, s, m2_b in stats[:, :3]:
-        if n == 0:
-            continue
-        mean_b = s / n
-        delta = mean_b - mean
-        n_new = n_tot + n
-        m2 = m2 + m2_b + delta**2 * n_tot * n / n_new
-        mean = mean + delta * n / n_new
-        n_tot = n_new
-    if n_tot == 0:
-        raise ValueError("The evaluation saw no real examples (every mask entry was 0).")
-    return n_tot, mean, m2
-
-
-def _combine(stats: np.ndarray) -> dict[str, float]:
-    """Merges per-batch [count, sum, M2, ...] rows (float64) into the split's statistics."""
-    n_tot, mean, m2 = _merge_moments(stats)
-    sums = stats[:, 3:].sum(axis=0)
-    diffusion, prior, recon, total = sums / n_tot
-    # bits/dim = nats / (D ln 2) with the same D for every example, so the ratio of the mean
-    # bpd to the mean total converts each term's nats into its bits/dim share exactly.
-    scale = mean / total if total != 0 else 0.0
-    std = np.sqrt(m2 / (n_tot - 1)) if n_tot > 1 else 0.0
-    return {
-        "bpd": float(mean),
-        "bpd_stderr": float(std / np.sqrt(n_tot)),
-        "diffusion_bpd": float(diffusion * scale),
-        "prior_bpd": float(prior * scale),
-        "recon_bpd": float(recon * scale),
-        "num_examples": int(round(n_tot)),
-    }
 
 
 def evaluate_elbo(
@@ -108,40 +48,33 @@ def evaluate_elbo(
 ) -> dict[str, float]:
     """The negative ELBO of a whole split in bits/dim, with its standard error and breakdown.
 
-    Deterministic for a fixed key: batch i, draw d uses fold_in(fold_in(key, i), d). Each
-    example's terms are averaged over its num_draws (t, eps) draws first, so the standard
-    error is the between-example spread of those averages over sqrt(n). Nothing is fetched
-    from the devices until the last batch has been dispatched.
+    vdm.core.split_stats.evaluate_split with each term converted to its bits/dim share
+    (bits/dim = nats / (D ln 2) with one D for every example, so term * bpd / total is exact).
 
     Args:
       terms_fn: (batch, key) -> dict of per-example [B] arrays with at least 'bpd',
-        'diffusion', 'prior', 'recon', 'total' (nats, except bpd); normally jitted, with the
-        batch already placed on the devices.
+        'diffusion', 'prior', 'recon', 'total' (nats, except bpd); normally jitted.
       batches: iterable of batch dicts, each with 'mask' float [B] (1 real, 0 padding).
-      key: PRNG key.
+      key: PRNG key (batch i, draw d uses fold_in(fold_in(key, i), d)).
       num_draws: Monte-Carlo draws per example.
 
     Returns:
-      {'bpd', 'bpd_stderr', 'diffusion_bpd', 'prior_bpd', 'recon_bpd', 'num_examples'}: means
-      over real examples (bits/dim) and the number of real examples.
+      {'bpd', 'bpd_stderr', 'diffusion_bpd', 'prior_bpd', 'recon_bpd', 'num_examples'}.
     """
-    if num_draws < 1:
-        raise ValueError(f"num_draws must be >= 1, got {num_draws}.")
-    names = ("bpd", "diffusion", "prior", "recon", "total")
-    rows = []
-    for i, batch in enumerate(batches):
-        k_batch = jax.random.fold_in(key, i)
-        acc = None
-        for d in range(num_draws):
-            terms = terms_fn(batch, jax.random.fold_in(k_batch, d))
-            step = {n: terms[n] for n in names}
-            acc = step if acc is None else jax.tree.map(jnp.add, acc, step)
-        per_draw = jax.tree.map(lambda a: a / num_draws, acc)
-        rows.append(_batch_stats(per_draw, batch["mask"]))
-    if not rows:
-        raise ValueError("evaluate_elbo got no batches.")
-    stats = np.asarray(jax.device_get(jnp.stack(rows)), np.float64)
-    return _combine(stats)
+
+    def shares(batch, k):
+        t = terms_fn(batch, k)
+        scale = t["bpd"] / t["total"]
+        return {
+            "bpd": t["bpd"],
+            **{f"{n}_bpd": t[n] * scale for n in ("diffusion", "prior", "recon")},
+        }
+
+    return split_stats.evaluate_split(shares, batches, key=key, num_draws=num_draws)
+
+
+# Any per-example estimator over a split (bits/dim, its standard error, its terms' means).
+evaluate_estimate = split_stats.evaluate_split
 
 
 def _tangents(z_like, key, trace: str, num_probes: int, probe: str):
@@ -187,76 +120,6 @@ _ODE_STATIC = (
     "denoise_fn", "schedule", "parameterization", "t0", "t1", "trace", "num_probes",
     "probe", "solver", "steps", "rtol", "atol", "max_steps", "batch_sharding",
 )  # fmt: skip
-
-
-@jax.jit
-def _masked_moments(values, mask):
-    """[count, sum, M2] of the masked entries of a [B] array (M2 about the batch's mean)."""
-    real = mask > 0
-    n = jnp.sum(real.astype(jnp.float32))
-    s = jnp.sum(jnp.where(real, values, 0.0))
-    mean = s / jnp.maximum(n, 1.0)
-    m2 = jnp.sum(jnp.where(real, jnp.square(values - mean), 0.0))
-    return jnp.stack([n, s, m2])
-
-
-def evaluate_estimate(
-    estimate_fn: Callable, batches: Iterable[dict], *, key, num_draws: int = 1
-) -> dict[str, float]:
-    """Mean bits/dim of any per-example estimator over a split, its standard error, and the
-    means of its other per-example terms.
-
-    Keys as in `evaluate_elbo` (batch i, draw d uses fold_in(fold_in(key, i), d)); each
-    example's draws are averaged before the spread is taken; statistics are reduced on the
-    devices per batch and merged on the host in float64.
-
-    Args:
-      estimate_fn: (batch, key) -> dict with 'bpd' [B], optionally other [B] terms, and
-        optionally a scalar 'num_steps' (solver steps for the batch); normally jitted.
-      batches: iterable of batch dicts with 'mask'.
-      key: PRNG key.
-      num_draws: Monte-Carlo draws per example.
-
-    Returns:
-      {'bpd', 'bpd_stderr', 'num_examples', '<term>' means, 'num_steps_mean',
-      'num_steps_max'} (the last two when the estimator reports steps).
-    """
-    if num_draws < 1:
-        raise ValueError(f"num_draws must be >= 1, got {num_draws}.")
-    moments, sums, steps = [], [], []
-    for i, batch in enumerate(batches):
-        k_batch = jax.random.fold_in(key, i)
-        acc = None
-        for d in range(num_draws):
-            out = estimate_fn(batch, jax.random.fold_in(k_batch, d))
-            if "num_steps" in out:
-                steps.append(out.pop("num_steps"))
-            acc = out if acc is None else jax.tree.map(jnp.add, acc, out)
-        mean = jax.tree.map(lambda a: a / num_draws, acc)
-        mask = batch["mask"]
-        moments.append(_masked_moments(mean["bpd"], mask))
-        sums.append({k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in mean.items()})
-    if not moments:
-        raise ValueError("evaluate_estimate got no batches.")
-    stats = np.asarray(jax.device_get(jnp.stack(moments)), np.float64)
-    n_tot, mean, m2 = _merge_moments(stats)
-    std = np.sqrt(m2 / (n_tot - 1)) if n_tot > 1 else 0.0
-    result = {
-        "bpd": float(mean),
-        "bpd_stderr": float(std / np.sqrt(n_tot)),
-        "num_examples": int(round(n_tot)),
-    }
-    totals = jax.device_get(sums)
-    for name in totals[0]:
-        if name != "bpd":
-            result[name] = float(sum(float(t[name]) for t in totals) / n_tot)
-    if steps:
-        counts = np.asarray(jax.device_get(steps), np.float64)
-        result["num_steps_mean"], result["num_steps_max"] = (
-            float(counts.mean()),
-            float(counts.max()),
-        )
-    return result
 
 
 @functools.partial(jax.jit, static_argnames=_ODE_STATIC)

@@ -115,11 +115,13 @@ def run_main(
     return proc
 
 
-def spawn_main(workdir, *flags, devices: int = 1, env=None, log=None) -> subprocess.Popen:
+def spawn_main(
+    workdir, *flags, mode: str = "train", devices: int = 1, env=None, log=None
+) -> subprocess.Popen:
     """Starts vdm.main in the background (output to `log`, a path, or discarded)."""
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with process
     return subprocess.Popen(
-        main_cmd(workdir, *flags),
+        main_cmd(workdir, *flags, mode=mode),
         cwd=REPO,
         env=env or env_for(devices),
         stdout=out,

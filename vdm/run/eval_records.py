@@ -108,7 +108,7 @@ def write_json(path: epath.Path, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.rename(path)
+    tmp.replace(path)  # atomic, over an earlier version
 
 
 class PartialRows:

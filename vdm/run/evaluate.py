@@ -110,6 +110,9 @@ def estimate(
     key, draws = run.key(KeyStream.EVAL), run.config.eval.num_draws
     rows = partial.load() if partial else []
     done = len(rows)
+    if done and jax.process_index() == 0:
+        print(f"eval {progress or job.estimator}: resuming after {done} finished batches "
+              f"({partial.path})", flush=True)  # fmt: skip
     cap = run.config.eval.max_examples if max_examples is None else max_examples
     total = run.dataset.split_size(run.config.eval.split)
     total = total if total is None or cap < 0 else min(total, cap)

@@ -1,0 +1,133 @@
+"""`--mode=eval` as a user runs it: the same figures on 1 and 4 devices and on 2 processes, a
+pass killed midway and relaunched gives the uninterrupted record, and `vdm.collect` tables it.
+"""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import train_helpers as th
+
+pytestmark = pytest.mark.slow  # every test here launches vdm.main processes
+
+# Both estimators, the ODE adaptive (its step count is part of what must agree).
+EVAL = [
+    "--config.eval.estimator=elbo,ode",
+    "--config.eval.ode.dequantization=none",
+    "--config.eval.ode.trace=exact",
+    "--config.eval.ode.rtol=1e-4",
+    "--config.eval.ode.atol=1e-4",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("trained")
+    th.run_main(workdir, *th.overrides(train__num_steps=2, train__write_samples=False))
+    return workdir
+
+
+def _records(workdir) -> dict:
+    return {p.name: json.loads(p.read_text()) for p in (workdir / "eval").glob("*.json")}
+
+
+def _evaluated_copy(trained, tmp_path, name, *flags, devices=1):
+    workdir = tmp_path / name
+    shutil.copytree(trained, workdir)
+    th.run_main(workdir, *th.overrides(), *EVAL, *flags, mode="eval", devices=devices)
+    return _records(workdir)
+
+
+def _assert_same_figures(records, reference):
+    assert sorted(records) == sorted(reference) == ["2-elbo-none.json", "2-ode-none.json"]
+    for name, ref in reference.items():
+        got = records[name]
+        # The ELBO to float rounding; the ODE to its solver's tolerance (rtol 1e-4 on z: the
+        # same steps, but sums in another order move each example's solve by ~1e-5).
+        tol = 1e-6 if "elbo" in name else 1e-4
+        np.testing.assert_allclose(got["bpd"], ref["bpd"], rtol=0, atol=tol, err_msg=name)
+        np.testing.assert_allclose(
+            got["bpd_stderr"], ref["bpd_stderr"], rtol=0, atol=tol / 4, err_msg=name
+        )
+        assert got["num_examples"] == ref["num_examples"] == 96
+        assert got.get("num_steps_mean") == ref.get("num_steps_mean"), name
+        assert got.get("num_steps_max") == ref.get("num_steps_max"), name
+
+
+def test_devices_and_processes_give_the_same_figures(trained, tmp_path):
+    one = _evaluated_copy(trained, tmp_path, "one")
+    assert one["2-ode-none.json"]["num_steps_mean"] > 2  # an adaptive solve, not a fixed grid
+    _assert_same_figures(_evaluated_copy(trained, tmp_path, "four", devices=4), one)
+
+    workdir = tmp_path / "two_processes"
+    shutil.copytree(trained, workdir)
+    port = th.free_port()
+    procs = [
+        th.spawn_main(
+            workdir,
+            *th.overrides(),
+            *EVAL,
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            mode="eval",
+            log=tmp_path / f"proc{i}.log",
+        )
+        for i in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = "\n".join((tmp_path / f"proc{i}.log").read_text()[-3000:] for i in range(2))
+    assert codes == [0, 0], logs
+    _assert_same_figures(_records(workdir), one)
+
+
+def test_a_killed_evaluation_resumes_to_the_uninterrupted_record(trained, tmp_path):
+    # Many small batches, a save after each: the kill lands mid-pass.
+    many = [*EVAL, "--config.data.gaussian.num_eval=3000", "--config.data.eval_batch_size=8",
+            "--config.eval.report_every=0"]  # fmt: skip
+    reference = _evaluated_copy(trained, tmp_path, "reference", *many)
+
+    workdir = tmp_path / "killed"
+    shutil.copytree(trained, workdir)
+    proc = th.spawn_main(workdir, *th.overrides(), *many, mode="eval", log=tmp_path / "kill.log")
+    partial_dir = workdir / "eval" / "partial"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            saved = list(partial_dir.glob("*-ode-*.json")) if partial_dir.exists() else []
+            if saved and len(json.loads(saved[0].read_text() or '{"rows": []}')["rows"]) >= 20:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "kill.log").read_text()[-3000:]
+    assert "2-elbo-none.json" in _records(workdir) and "2-ode-none.json" not in _records(workdir)
+
+    resumed = th.run_main(workdir, *th.overrides(), *many, mode="eval")
+    assert "resuming after" in resumed.stdout and "ETA" in resumed.stdout
+    records = _records(workdir)
+    for name in reference:
+        assert records[name]["bpd"] == reference[name]["bpd"], name
+        assert records[name]["bpd_stderr"] == reference[name]["bpd_stderr"], name
+    assert not list(partial_dir.glob("*"))
+
+    table = subprocess.run(
+        [sys.executable, "-m", "vdm.collect", str(workdir), "--config=configs/digits.py"],
+        cwd=th.REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.count(f"| {workdir} | 2 |") == 2
+    assert "Published (configs/digits.py)" in table.stdout

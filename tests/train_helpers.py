@@ -14,6 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import flax.linen as nn
+import numpy as np
+
+from vdm.core import oracles
+from vdm.data import densities
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "digits.py")
 
@@ -179,3 +185,37 @@ def load_config(**extra):
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     config.update_from_flattened_dict(values)
     return config
+
+
+def parse_flags(*args):
+    """The config as `python -m vdm.main --config=configs/digits.py ARGS` would see it."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["vdm.main", f"--config={CONFIG}", *args]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
+    )
+    values(argv)
+    return values.config
+
+
+class GaussianOracle(nn.Module):
+    """The exact eps-denoiser of N(mean, cov) as a parameter-free network."""
+
+    mean: tuple
+    cov: tuple
+
+    @nn.compact
+    def __call__(self, z, gamma, cond=None, train: bool = False):
+        del cond, train
+        return oracles.gaussian_eps(np.asarray(self.mean), np.asarray(self.cov))(z, gamma)
+
+
+def gaussian_oracle(dim: int) -> GaussianOracle:
+    """The exact denoiser of the `gaussian` dataset of dimension `dim`."""
+    dist = densities.default_gaussian(dim)
+    return GaussianOracle(
+        tuple(np.asarray(dist.mean).tolist()), tuple(map(tuple, dist.cov.tolist()))
+    )

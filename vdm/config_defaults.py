@@ -102,6 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
     add_part_options(c.loss, losses.WEIGHTINGS)  # loss.sigmoid.bias
     c.loss.timesteps = 0  # T; 0 = continuous time
     c.loss.antithetic = True  # low-discrepancy t over the global batch
+    # Importance-sampled training times (vdm/core/time_proposals.py): proposal uniform |
+    # schedule (uniform in log-SNR) | adaptive (q(t) ~ sqrt of the running mean squared
+    # diffusion loss in each of `bins` bins of t, kept in the train state with EMA decay
+    # `rate`), mixed with uniform by `floor`; combinable with antithetic draws.
+    c.loss.time = ml_collections.ConfigDict(dict(proposal="uniform", bins=32, floor=0.1, rate=0.99))
 
     # Optimiser: AdamW with linear warm-up, paper values (optim.adamw.{b1, b2, eps,
     # weight_decay} default to 0.9, 0.99, 1e-8, 0.01).

@@ -6,7 +6,7 @@ error. Options are the keyword parameters (`config.eval.<estimator>.*`):
 
   elbo  VDM's variational bound: diffusion + prior + reconstruction, one (t, eps) draw per
         call (eval.num_draws averages several), in bits per sub-pixel of the data's own
-        vocabulary.
+        vocabulary; its times uniform or importance-sampled (eval.elbo.proposal).
   ode   the probability-flow ODE likelihood (vdm.sampling.likelihood.ode_nll) with its
         dequantisation (decoder: VDM's one-latent bound; uniform: Song et al.'s; none:
         continuous data), trace estimator and solver.
@@ -20,14 +20,28 @@ from vdm.sampling import likelihood
 # The ELBO's terms, reported as '<term>_bpd'.
 ELBO_TERMS = ("diffusion", "prior", "recon")
 
-ESTIMATORS = Registry("estimator", context=("model", "params", "batch", "key", "batch_sharding"))
+ESTIMATORS = Registry(
+    "estimator", context=("model", "params", "batch", "key", "batch_sharding", "time_hist")
+)
 
 
 @ESTIMATORS.register("elbo")
-def elbo(model, params, batch, key):
+def elbo(model, params, batch, key, time_hist=None, *, proposal: str = "uniform"):
     """The negative ELBO in bits/dim, with its diffusion/prior/reconstruction terms in bits/dim
-    (they add up to 'bpd')."""
-    terms = model.loss_terms(params, batch, key, train=False)
+    (they add up to 'bpd').
+
+    Args:
+      model, params, batch, key: the model, its parameters, a batch, the draw's key.
+      time_hist: the checkpoint's per-t loss histogram (TrainState.time_hist), for
+        proposal='adaptive'.
+      proposal: uniform|schedule|adaptive: how the diffusion term's times are drawn
+        (vdm/core/time_proposals.py, with loss.time's bins and floor). Every proposal has the
+        same expectation; a good one has a smaller standard error.
+    """
+    probs = model.time_probs(params, time_hist, proposal)
+    if proposal == "adaptive" and time_hist is None:
+        raise ValueError("eval.elbo.proposal='adaptive' needs the checkpoint's time histogram.")
+    terms = model.loss_terms(params, batch, key, train=False, time_probs=probs)
     to_bpd = 1.0 / (model.num_dims * math.log(2.0))
     return {"bpd": terms["bpd"], **{f"{n}_bpd": terms[n] * to_bpd for n in ELBO_TERMS}}
 

@@ -13,12 +13,34 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vdm.core import losses, schedules
+from vdm.core import losses, schedules, time_proposals
 from vdm.core.schedules import Schedule
 from vdm.sampling import samplers
 
 # Classifier-free guidance training: how often a label is replaced by the null label.
 LABEL_DROP_RATE = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeProposal:
+    """How diffusion times are drawn (vdm/core/time_proposals.py; config.loss.time).
+
+    Attributes:
+      proposal: uniform|schedule|adaptive.
+      bins: K bins of t for the proposal and the per-t loss histogram.
+      floor: the share of uniform mixed into a non-uniform proposal.
+      rate: EMA decay of the per-bin mean squared diffusion loss kept in the train state.
+    """
+
+    proposal: str = "uniform"
+    bins: int = 32
+    floor: float = 0.1
+    rate: float = 0.99
+
+    def __post_init__(self):
+        time_proposals.check(self.proposal, self.bins, self.floor)
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"loss.time.rate must be in [0, 1), got {self.rate}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +54,7 @@ class Objective:
       timesteps: T of the discrete-time loss; 0 for continuous time.
       antithetic: low-discrepancy times over the batch.
       schedule_grad: elbo|variance (the paper's variance-minimising rule).
+      time: how training times are drawn (importance sampling over t).
     """
 
     type: str = "elbo"
@@ -40,6 +63,14 @@ class Objective:
     timesteps: int = 0
     antithetic: bool = True
     schedule_grad: str = "elbo"
+    time: TimeProposal = TimeProposal()
+
+    def __post_init__(self):
+        if self.time.proposal != "uniform" and self.timesteps:
+            raise ValueError(
+                f"loss.time.proposal={self.time.proposal!r} needs continuous time; the "
+                f"discrete-time loss (loss.timesteps={self.timesteps}) samples its grid uniformly."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +170,23 @@ class DiffusionModel:
 
         return denoise
 
-    def loss_terms(self, params, batch, key, *, train: bool):
+    def time_probs(self, params, time_hist, proposal: str):
+        """The bin probabilities of a time proposal, or None for uniform times.
+
+        Args:
+          params: {'model', 'schedule'} parameters ('schedule' reads the schedule).
+          time_hist: [bins] running mean squared diffusion loss per bin (the train state's).
+          proposal: uniform|schedule|adaptive.
+        """
+        p = self.objective.time
+        if proposal == "uniform":
+            return None
+        if proposal == "schedule":
+            gamma = lambda t: self.schedule.gamma(params["schedule"], t)
+            return time_proposals.schedule_bins(gamma, p.bins, p.floor)
+        return time_proposals.adaptive_bins(time_hist, p.floor)
+
+    def loss_terms(self, params, batch, key, *, train: bool, time_probs=None):
         """losses.loss_terms for a batch with this model's objective.
 
         Args:
@@ -148,12 +195,19 @@ class DiffusionModel:
           key: PRNG key; split into dropout, label-drop and loss keys.
           train: training mode (dropout, label dropping, the objective's loss type);
             otherwise the plain ELBO with a deterministic network.
+          time_probs: optional [bins] proposal over t (`time_probs`); the diffusion term is
+            then importance-weighted, its expectation unchanged.
 
         Returns:
           The dict of per-example terms from losses.loss_terms.
         """
         k_drop, k_label, k_loss = jax.random.split(key, 3)
         o = self.objective
+        t = weight = None
+        if time_probs is not None:
+            u = losses.sample_times(jax.random.fold_in(k_loss, 1), batch["x"].shape[0],
+                                    o.antithetic and train)  # fmt: skip
+            t, weight = time_proposals.sample(time_probs, u)
         return losses.loss_terms(
             self.denoiser(params["model"], train=train, dropout_key=k_drop),
             self.schedule,
@@ -169,6 +223,8 @@ class DiffusionModel:
             weighting=o.weighting,
             weighting_options=o.weighting_options,
             schedule_grad=o.schedule_grad if train else "elbo",
+            t=t,
+            time_weight=weight,
         )
 
     def endpoints(self, params):

@@ -21,18 +21,6 @@ from vdm.run.eval_records import PartialRows
 from vdm.run.setup import build_run
 
 
-class Oracle(nn.Module):
-    """The exact eps-denoiser of N(mean, cov) as a parameter-free network."""
-
-    mean: tuple
-    cov: tuple
-
-    @nn.compact
-    def __call__(self, z, gamma, cond=None, train: bool = False):
-        del cond, train
-        return oracles.gaussian_eps(np.asarray(self.mean), np.asarray(self.cov))(z, gamma)
-
-
 def oracle_run(**extra):
     config = th.load_config(
         data__gaussian__num_eval=128,
@@ -46,7 +34,9 @@ def oracle_run(**extra):
     )
     run = build_run(config)
     dist = densities.default_gaussian(config.data.gaussian.dim)
-    network = Oracle(tuple(np.asarray(dist.mean).tolist()), tuple(map(tuple, dist.cov.tolist())))
+    network = th.GaussianOracle(
+        tuple(np.asarray(dist.mean).tolist()), tuple(map(tuple, dist.cov.tolist()))
+    )
     return dataclasses.replace(run, model=dataclasses.replace(run.model, network=network))
 
 

@@ -16,8 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import train_helpers as th
-from absl import flags
-from ml_collections import config_flags
 
 from vdm import data, optim
 from vdm.core import losses, schedules
@@ -41,15 +39,7 @@ CONCEPTS = {
 }
 
 
-def parse_flags(*args):
-    """The config as `python -m vdm.main --config=configs/digits.py ARGS` would see it."""
-    argv = ["vdm.main", f"--config={CONFIG}", *args]
-    values = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
-    )
-    values(argv)
-    return values.config
+parse_flags = th.parse_flags
 
 
 def changed(value):

@@ -87,6 +87,7 @@ def loss_terms(
     weighting_options=None,
     schedule_grad: str = "elbo",
     t=None,
+    time_weight=None,
 ):
     """Monte-Carlo ELBO terms and the training loss for a batch.
 
@@ -105,10 +106,13 @@ def loss_terms(
       weighting_options: that weighting's options (e.g. sigmoid's bias).
       schedule_grad: elbo|variance (see module docstring).
       t: optional fixed times [B] or a scalar (overrides sampling; for evaluation and tests).
+      time_weight: optional [B] importance weights 1 / q(t) of times t drawn from a proposal q
+        (vdm.core.time_proposals); the diffusion term is multiplied by them, which keeps its
+        expectation over t ~ U(0, 1).
 
     Returns:
       Dict of [B] arrays: diffusion, prior, recon, total (nats), bpd, train (the per-example
-      training loss to average), gamma_t.
+      training loss to average), gamma_t, t and time_weight (1 without a proposal).
     """
     if loss_type not in ("elbo", "simple", "weighted"):
         raise ValueError(f"Unknown loss type {loss_type!r}; use elbo|simple|weighted.")
@@ -137,9 +141,11 @@ def loss_terms(
         chex.assert_equal_shape([pred, z_t])
         return _sum_sq(eps, diffusion.to_eps(pred, z_t, gamma_t, parameterization))
 
+    w = jnp.ones((n,), x_enc.dtype) if time_weight is None else time_weight
+
     def diffusion_loss(gamma_t, slope):
-        """slope: gamma'(t) (continuous) or gamma_s (discrete)."""
-        sq = eps_error(gamma_t)
+        """slope: gamma'(t) (continuous) or gamma_s (discrete); both terms weighted by w."""
+        sq = w * eps_error(gamma_t)
         if timesteps:
             return 0.5 * timesteps * jnp.expm1(gamma_t - slope) * sq, sq
         return 0.5 * slope * sq, sq
@@ -195,4 +201,6 @@ def loss_terms(
         "bpd": bits_per_dim(total, x_enc.size // n),
         "train": train,
         "gamma_t": gamma_t,
+        "t": t,
+        "time_weight": w,
     }

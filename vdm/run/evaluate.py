@@ -29,10 +29,10 @@ from vdm.run.setup import KeyStream, Run
 @functools.lru_cache(maxsize=8)
 def _estimate_fn(model, name: str, options: tuple, batch_sharding):
     # One jitted estimator per (model, estimator, options), so periodic evals compile once.
-    def estimate(params, batch, key):
+    def estimate(params, batch, key, time_hist):
         return ESTIMATORS.build(
             name, dict(options), model=model, params=params, batch=batch, key=key,
-            batch_sharding=batch_sharding,
+            batch_sharding=batch_sharding, time_hist=time_hist,
         )  # fmt: skip
 
     return jax.jit(estimate)
@@ -89,6 +89,7 @@ def estimate(
     max_examples: int | None = None,
     partial: PartialRows | None = None,
     progress: str | None = None,
+    time_hist=None,
 ) -> dict:
     """One job over config.eval.split: merge_rows' {'bpd', 'bpd_stderr', terms, ...}.
 
@@ -104,6 +105,7 @@ def estimate(
       max_examples: cap on examples; None = config.eval.max_examples (-1 = all).
       partial: where finished batches are saved and resumed from (--mode=eval).
       progress: a name for progress lines; None prints none.
+      time_hist: the train state's per-t loss histogram (for an adaptive time proposal).
     """
     options = tuple(sorted(job.options.items()))
     fn = _estimate_fn(run.model, job.estimator, options, parallel.batch_sharding(run.mesh))
@@ -127,7 +129,7 @@ def estimate(
             continue  # finished by an earlier launch: its row is in `rows`
         b = parallel.global_batch(batch, run.mesh)
         row = split_stats.batch_row(
-            lambda bb, k: fn(params, bb, k), b, jax.random.fold_in(key, i), draws
+            lambda bb, k: fn(params, bb, k, time_hist), b, jax.random.fold_in(key, i), draws
         )
         pending.append(row)
         if meter is not None and meter.due():
@@ -164,13 +166,14 @@ def _with_truth(run: Run, job: Job, figures: dict, max_examples) -> dict:
     return dict(figures, true_bpd=truth, bpd_gap=figures["bpd"] - truth)
 
 
-def evaluate(run: Run, params, *, max_examples: int | None = None) -> dict:
+def evaluate(run: Run, params, *, max_examples: int | None = None, time_hist=None) -> dict:
     """Every configured job over config.eval.split, and the schedule endpoints.
 
     Args:
       run: the Run.
       params: the parameters to evaluate (EMA ones, normally).
       max_examples: cap on examples; None = config.eval.max_examples (-1 = all).
+      time_hist: the train state's per-t loss histogram (eval.elbo.proposal=adaptive).
 
     Returns:
       Dict of floats named by each job's prefix: the ELBO's as 'eval/bpd', 'eval/bpd_stderr',
@@ -181,8 +184,8 @@ def evaluate(run: Run, params, *, max_examples: int | None = None) -> dict:
     """
     out = {}
     for job in jobs(run):
-        figures = _with_truth(run, job, estimate(run, params, job, max_examples=max_examples),
-                              max_examples)  # fmt: skip
+        figures = estimate(run, params, job, max_examples=max_examples, time_hist=time_hist)
+        figures = _with_truth(run, job, figures, max_examples)
         out.update({job.prefix + k: float(v) for k, v in figures.items()})
     g0, g1 = run.model.endpoints(params)
     out["eval/gamma_0"], out["eval/gamma_1"] = float(g0), float(g1)
@@ -233,7 +236,9 @@ def evaluate_checkpoint(run: Run, workdir) -> dict:
         partial = eval_records.PartialRows(
             workdir, tag, dict(fingerprint, job=dataclasses.asdict(job))
         )
-        figures = estimate(run, params, job, partial=partial, progress=tag)
+        figures = estimate(
+            run, params, job, partial=partial, progress=tag, time_hist=state.time_hist
+        )
         figures = _with_truth(run, job, figures, None)
         metrics.update({job.prefix + k: float(v) for k, v in figures.items()})
         out = epath.Path(workdir) / "eval" / f"{tag}.json"

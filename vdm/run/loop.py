@@ -191,7 +191,7 @@ def train(
                     logging.info("step %d/%d | loss %.4f", step, tc.num_steps, values["train/loss"])
             if is_eval:
                 with _timed(hooks, "eval"):
-                    eval_metrics = evaluate(run, run.eval_params(state))
+                    eval_metrics = evaluate(run, run.eval_params(state), time_hist=state.time_hist)
                 writer.write_scalars(step, eval_metrics)
             if is_ckpt or stop:
                 with _timed(hooks, "checkpoint"):
@@ -210,7 +210,7 @@ def train(
                 return {"step": step, "preempted": True, **eval_metrics}
         ckpts.wait()
         if not eval_metrics:  # relaunched after the last step (e.g. killed while sampling)
-            eval_metrics = evaluate(run, run.eval_params(state))
+            eval_metrics = evaluate(run, run.eval_params(state), time_hist=state.time_hist)
         write_final(
             run, run.eval_params(state), workdir, step, writer, clock.wall_time(), eval_metrics
         )

@@ -20,7 +20,7 @@ import optax
 from vdm import data, nets, optim, parallel
 from vdm.core import schedules
 from vdm.estimators import ESTIMATORS
-from vdm.model import DiffusionModel, Objective, SamplerSpec
+from vdm.model import DiffusionModel, Objective, SamplerSpec, TimeProposal
 from vdm.registry import Registry
 from vdm.run.checkpoint import Checkpoints
 from vdm.run.state import TrainState, create_state
@@ -104,7 +104,11 @@ def build_diffusion_model(
             f"{info.num_classes} or 0."
         )
     objective = call_with(
-        Objective, loss, weighting_options=part_options(loss, loss.weighting), schedule_grad=s.grad
+        Objective,
+        loss,
+        weighting_options=part_options(loss, loss.weighting),
+        schedule_grad=s.grad,
+        time=TimeProposal(**loss.time),
     )
     return call_with(
         DiffusionModel,

@@ -19,6 +19,9 @@ class TrainState:
       ema_params: exponential moving average of params (used for eval and samples).
       nonfinite_step: first step (as logged: the update that would have produced it) whose
         update was refused as non-finite, -1 if none.
+      time_hist: [loss.time.bins] running mean squared diffusion loss per bin of t, always
+        kept (cheap), so any checkpoint can evaluate with an adaptive time proposal; it
+        drives training's times when loss.time.proposal=adaptive.
     """
 
     step: jax.Array
@@ -26,6 +29,7 @@ class TrainState:
     opt_state: Any
     ema_params: Any
     nonfinite_step: jax.Array
+    time_hist: jax.Array
 
 
 def create_state(model, optimizer: optax.GradientTransformation, init_key) -> TrainState:
@@ -48,4 +52,5 @@ def create_state(model, optimizer: optax.GradientTransformation, init_key) -> Tr
         opt_state=optimizer.init(params),
         ema_params=jax.tree.map(jnp.copy, params),
         nonfinite_step=jnp.full((), -1, jnp.int32),
+        time_hist=jnp.zeros((model.objective.time.bins,), jnp.float32),
     )

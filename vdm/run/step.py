@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from vdm import optim
+from vdm.core import time_proposals
 from vdm.parallel import replicated
 from vdm.run.state import TrainState
 
@@ -55,14 +56,19 @@ def make_train_step(
     """
     accum = int(accum_steps)
 
-    def loss_fn(params, batch, key, step):
-        terms = model.loss_terms(params, batch, key, train=True)
+    time = model.objective.time
+
+    def loss_fn(params, batch, key, step, time_hist):
+        probs = model.time_probs(params, time_hist, time.proposal)
+        terms = model.loss_terms(params, batch, key, train=True, time_probs=probs)
         # The training loss on the bits/dim scale (as the published code), so Adam's eps and
         # clipping thresholds mean the same for every image size.
         loss = jnp.mean(terms["train"]) / (model.num_dims * np.log(2.0))
         if fail_at_step is not None:
             loss = loss * jnp.where(step + 1 == fail_at_step, jnp.nan, 1.0)
-        return loss, _mean_metrics(terms, model.num_dims)
+        # The per-t histogram takes the unweighted diffusion term f(t).
+        seen = (terms["t"], terms["diffusion"] / terms["time_weight"])
+        return loss, (_mean_metrics(terms, model.num_dims), seen)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -72,17 +78,25 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: dict, key) -> tuple[TrainState, dict]:
         step_key = jax.random.fold_in(key, state.step)
+        hist = state.time_hist
         if accum == 1:
-            (loss, aux), grads = grad_fn(state.params, batch, step_key, state.step)
+            (loss, (aux, seen)), grads = grad_fn(state.params, batch, step_key, state.step, hist)
         else:
             # Unrolled rather than scanned: scans were seen to slow XLA:CPU convolutions.
             results = [
                 grad_fn(
-                    state.params, micro_batch(batch, i), jax.random.fold_in(step_key, i), state.step
-                )
+                    state.params,
+                    micro_batch(batch, i),
+                    jax.random.fold_in(step_key, i),
+                    state.step,
+                    hist,
+                )  # fmt: skip
                 for i in range(accum)
             ]
+            seen = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[r[0][1][1] for r in results])
+            results = [((r[0][0], r[0][1][0]), r[1]) for r in results]
             (loss, aux), grads = jax.tree.map(lambda *xs: sum(xs) / accum, *results)
+        hist = time_proposals.histogram_update(hist, *seen, rate=time.rate)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = optim.ema_decay(state.step, ema_rate, ema_warmup)
@@ -101,6 +115,7 @@ def make_train_step(
             opt_state=keep(opt_state, state.opt_state),
             ema_params=keep(ema, state.ema_params),
             nonfinite_step=first_bad.astype(jnp.int32),
+            time_hist=jnp.where(finite, hist, state.time_hist),
         )
         g0, g1 = model.endpoints(state.params)
         metrics = {

@@ -18,6 +18,7 @@ import pytest
 from scipy.special import erf, logsumexp
 from scipy.stats import norm
 
+from vdm import estimators
 from vdm.core import diffusion, oracles, schedules
 from vdm.sampling import dequantization as dequantization_lib
 from vdm.sampling import likelihood
@@ -212,3 +213,14 @@ def test_bad_dequantization_options_fail_naming_the_problem():
     with pytest.raises(ValueError, match="num_samples must be >= 1"):
         likelihood.ode_nll(den, SCHEDULE, {}, x, jax.random.key(0), vocab_size=VOCAB,
                            num_samples=0)  # fmt: skip
+
+
+def test_accounting_states_units_and_dequantisation_in_one_line():
+    line = estimators.accounting("uniform", 256)
+    assert line.startswith("bits per 8-bit sub-pixel (V=256), uniform dequantisation")
+    assert "D log(V/2)" in line and "\n" not in line
+    assert "truncated-normal" in estimators.accounting("truncated_normal", 256, 4)
+    assert "K=4" in estimators.accounting("decoder", 17, 4)
+    assert "continuous" in estimators.accounting("none", None)
+    with pytest.raises(ValueError, match="'none' is for continuous data"):
+        estimators.accounting("none", 256)

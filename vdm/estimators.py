@@ -8,13 +8,24 @@ error. Options are the keyword parameters (`config.eval.<estimator>.*`):
         call (eval.num_draws averages several), in bits per sub-pixel of the data's own
         vocabulary; its times uniform or importance-sampled (eval.elbo.proposal).
   ode   the probability-flow ODE likelihood (vdm.sampling.likelihood.ode_nll) with its
-        dequantisation (decoder: VDM's one-latent bound; uniform: Song et al.'s; none:
-        continuous data), trace estimator and solver.
+        dequantisation, trace estimator and solver, and K = num_samples importance-weighted
+        draws per example; it returns the terms prior_bpd + divergence_bpd +
+        dequantization_bpd + jacobian_bpd + importance_bpd = bpd. Its accounting, one line
+        per dequantisation (`accounting` returns the line for a run's data):
+          decoder           bits per integer sub-pixel, VDM's one-latent decoder bound
+                            -log p(x|z_0) - log p_ODE(z_0) + log q(z_0|x).
+          uniform           bits per integer sub-pixel, uniform dequantisation, [-1, 1]
+                            density converted with D log(V/2) (Song et al. 2021).
+          truncated_normal  bits per integer sub-pixel, truncated-normal dequantisation
+                            (i-DODE), eps in the box |eps| <= alpha/(sigma V) that keeps
+                            z/alpha in x's bin, -log p_ODE(z) - D log alpha + log q(z/alpha|x).
+          none              bits per dimension of continuous data's own density.
 """
 
 import math
 
 from vdm.registry import Registry
+from vdm.sampling import dequantization as dequantization_lib
 from vdm.sampling import likelihood
 
 # The ELBO's terms, reported as '<term>_bpd'.
@@ -64,8 +75,14 @@ def ode(
     atol: float = 1e-5,
     max_steps: int = 4096,
     t_eps: float = 0.0,
+    num_samples: int = 1,
 ):
-    """The PF-ODE negative log-likelihood in bits/dim (see vdm.sampling.likelihood.ode_nll)."""
+    """The PF-ODE negative log-likelihood in bits/dim (see vdm.sampling.likelihood.ode_nll).
+
+    Returns:
+      Per example [B]: 'bpd', 'nll' (nats) and the bits/dim terms that add up to 'bpd' (TERMS);
+      the scalar 'num_steps'.
+    """
     out = likelihood.ode_nll(
         model.denoiser(params["model"]),
         model.schedule,
@@ -75,6 +92,7 @@ def ode(
         vocab_size=model.vocab_size,
         dequantization=dequantization,
         t_eps=t_eps,
+        num_samples=num_samples,
         parameterization=model.parameterization,
         cond=model.cond(batch),
         trace=trace,
@@ -87,4 +105,40 @@ def ode(
         max_steps=max_steps,
         batch_sharding=batch_sharding,
     )
-    return {"bpd": out["bpd"], "nll": out["nll"], "num_steps": out["num_steps"]}
+    return {name: out[name] for name in ("bpd", "nll", "num_steps") + TERMS}
+
+
+# The ode estimator's per-example bits/dim terms, which add up to its 'bpd'.
+TERMS = ("prior_bpd", "divergence_bpd", "dequantization_bpd", "jacobian_bpd", "importance_bpd")
+
+
+def accounting(dequantization: str, vocab_size: int | None, num_samples: int = 1) -> str:
+    """One line stating what the ode estimator's bits/dim measures, for an eval record.
+
+    Args:
+      dequantization: decoder|uniform|truncated_normal|none.
+      vocab_size: V of discrete data (256 for 8-bit images), or None for continuous data.
+      num_samples: K importance-weighted draws per example.
+
+    Returns:
+      e.g. 'bits per 8-bit sub-pixel (V=256), uniform dequantisation, [-1, 1] density
+      converted with D log(V/2), Jensen bound (K=1)'.
+    """
+    dequantization_lib.check(dequantization, vocab_size, num_samples)
+    if vocab_size is None:
+        return "bits per dimension of the continuous data's own density (no dequantisation)"
+    bits = math.log2(vocab_size)
+    unit = f"{int(bits)}-bit" if bits == int(bits) else f"{vocab_size}-valued"
+    unit = f"bits per {unit} sub-pixel (V={vocab_size})"
+    weighting = f"importance-weighted over K={num_samples} draws" if num_samples > 1 else "K=1"
+    if dequantization == "decoder":
+        what = ("decoder dequantisation, VDM's one-latent bound -log p(x|z_0) - log p_ODE(z_0)"
+                " + log q(z_0|x) with the softmax decoder")  # fmt: skip
+    elif dequantization == "uniform":
+        what = "uniform dequantisation, [-1, 1] density converted with D log(V/2), Jensen bound"
+    else:
+        what = (
+            "truncated-normal dequantisation (i-DODE), eps in |eps| <= alpha/(sigma V) so "
+            "z/alpha stays in x's bin, [-1, 1] density in integer units via log q(z/alpha|x)"
+        )
+    return f"{unit}, {what} ({weighting})"

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import train_helpers as th
 
+from vdm import estimators
 from vdm.core import oracles
 from vdm.data import densities
 from vdm.run import evaluate
 from vdm.run.eval_records import PartialRows
-from vdm.run.setup import build_run
+from vdm.run.setup import KeyStream, build_run
 
 
 def oracle_run(**extra):
@@ -50,6 +51,10 @@ def test_ode_estimator_matches_the_true_density_and_the_elbo_bounds_it(trace):
     tol = 2e-3 if trace == "exact" else 4 * out["eval/ode_bpd_stderr"] + 2e-3
     assert abs(out["eval/ode_bpd"] - out["eval/true_bpd"]) < tol, out
     assert out["eval/ode_num_steps_mean"] > 1
+    # The per-term breakdown adds up; no dequantisation, so its term is zero.
+    parts = sum(out[f"eval/ode_{t}"] for t in estimators.TERMS)
+    np.testing.assert_allclose(parts, out["eval/ode_bpd"], rtol=1e-5, atol=1e-6)
+    assert out["eval/ode_dequantization_bpd"] == 0.0 and out["eval/ode_importance_bpd"] == 0.0
     # The ELBO is an upper bound on the exact NLL (up to its Monte-Carlo noise).
     assert out["eval/bpd"] > out["eval/true_bpd"] - 3 * out["eval/bpd_stderr"]
 
@@ -175,3 +180,29 @@ def test_an_interrupted_pass_resumes_from_its_saved_batches(tmp_path, capsys):
     assert resumed == expected
     # Other settings never pick up these rows.
     assert PartialRows(tmp_path, "t", {"test": 2}).load() == []
+
+
+@pytest.mark.parametrize("dequantization", ["truncated_normal", "uniform"])
+def test_dequantised_ode_estimator_from_the_command_line(dequantization):
+    """`--mode=eval --config.eval.estimator=ode --config.eval.ode.dequantization=...` on the
+    digits (V = 17) with the tiny class-conditional U-Net: K = 2 draws, terms that add up to the
+    bits/dim, and a bound on -log of a probability mass, so positive."""
+    config = th.parse_flags(
+        *th.overrides(**th.UNET, model__num_classes=10, eval__max_examples=16),
+        "--config.eval.estimator=ode",
+        f"--config.eval.ode.dequantization={dequantization}",
+        "--config.eval.ode.num_samples=2",
+        "--config.eval.ode.solver=heun",
+        "--config.eval.ode.steps=4",
+    )
+    run = build_run(config)
+    assert run.estimators["ode"]["dequantization"] == dequantization
+    assert run.estimators["ode"]["num_samples"] == 2
+    out = evaluate.evaluate(run, run.model.init_params(run.key(KeyStream.INIT)))
+    assert out["eval/ode_num_examples"] == 16 and out["eval/ode_num_steps_mean"] == 4
+    parts = sum(out[f"eval/ode_{t}"] for t in estimators.TERMS)
+    np.testing.assert_allclose(parts, out["eval/ode_bpd"], rtol=1e-5)
+    assert out["eval/ode_importance_bpd"] <= 0.0
+    assert np.isfinite(out["eval/ode_bpd"]) and out["eval/ode_bpd"] > 0
+    line = estimators.accounting(dequantization, run.info.vocab_size, 2)
+    assert line.startswith("bits per 17-valued sub-pixel (V=17)") and "K=2" in line

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from vdm import parallel
+from vdm import estimators, parallel
 from vdm.core import split_stats
 from vdm.estimators import ESTIMATORS
 from vdm.run import eval_records
@@ -267,4 +267,6 @@ def evaluate_checkpoint(run: Run, workdir) -> dict:
 def _accounting(job: Job, vocab_size) -> str:
     if job.estimator == "elbo":
         return eval_records.elbo_accounting(vocab_size)
-    return f"PF-ODE likelihood, {job.dequantization} dequantisation"
+    return "PF-ODE likelihood: " + estimators.accounting(
+        job.dequantization, vocab_size, int(job.options.get("num_samples", 1))
+    )

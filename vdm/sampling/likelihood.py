@@ -5,29 +5,25 @@
 
 `ode_log_prob` gives log p_ODE(z) at time t0 by integrating the PF-ODE (vdm.sampling.ode) up to
 t = 1 together with the divergence of its velocity, log p_t0(z) = log N(z_1; 0, I) + int div dt,
-the divergence exact (D forward-mode passes, small D) or Hutchinson's estimate with fixed
+the divergence exact (D reverse-mode passes, small D) or Hutchinson's estimate with fixed
 Rademacher or Gaussian probes. Both assume examples do not interact inside the denoiser (no
 batch statistics), so the batch Jacobian is block-diagonal.
 
-`ode_nll` turns that density into a negative log-likelihood of the data, in nats and bits/dim:
+`ode_nll` turns that density into a negative log-likelihood of the data, in nats and bits/dim,
+with a per-term breakdown (prior, divergence, dequantisation, Jacobian, importance weighting)
+that adds up to it. Its dequantisations (vdm.sampling.dequantization), one line each:
 
-  decoder (default; VDM's own model): z_0 ~ q(z_0 | x) = N(alpha_0 e(x), sigma_0^2 I) and
-    NLL = -log p(x | z_0) - log p_ODE(z_0) + log q(z_0 | x).
-    This is the one-latent variational bound on -log P(x) for the model
-    P(x) = int p(x | z_0) p_ODE(z_0) dz_0, p(x | z_0) VDM's decoder. For discrete data the
-    decoder is a softmax over the V values, so P sums to one over the V^D possible x and
-    -log P(x) >= 0: the bound's expectation cannot be negative, and it is in the published
-    convention (bits per integer-valued sub-pixel, like the ELBO). Individual Monte-Carlo
-    draws can still dip below zero; means over a split cannot, beyond their noise.
-  uniform (discrete data): y = e(x) + (2/V)(u - 1/2), u ~ U[0, 1)^D, i.e. uniform over x's
-    bin in [-1, 1], and the ODE's t = 0 latent read as data, z_0 = alpha_0 y:
-    NLL = -log p_ODE(alpha_0 y) - D log alpha_0 + D log(V / 2).
-    Jensen on P(x) = int_bin p(y) dy >= vol(bin) exp E_u log p(y), vol = (2/V)^D, bounds
-    -log P(x) of a (sub-)probability mass function, so again >= 0 in expectation; the
-    log(V/2) term converts the [-1, 1] density to integer units (Song et al. 2021's numbers).
-  none (continuous data): the density of x itself, NLL = -log p_ODE(alpha_0 x) - D log alpha_0.
-All three start the ODE at t_eps (default 0; VDM's gamma_min keeps t = 0 finite), reading
-alpha_0, sigma_0 and the decoder at gamma(t_eps).
+  decoder           bits per integer sub-pixel: VDM's one-latent bound -log p(x|z_0)
+                    - log p_ODE(z_0) + log q(z_0|x), softmax decoder, >= 0 in expectation.
+  uniform           bits per integer sub-pixel: Jensen bound with y uniform over x's bin, the
+                    [-1, 1] density converted with D log(V/2), z_0 = alpha_0 y read as data
+                    (-D log alpha_0); Song et al. 2021's numbers.
+  truncated_normal  bits per integer sub-pixel: i-DODE's (Zheng et al. 2023) bound with eps
+                    truncated to |eps| <= alpha/(sigma V), so z/alpha stays in x's bin.
+  none              the continuous data's own density: -log p_ODE(alpha_0 x) - D log alpha_0.
+All start the ODE at t_eps (default 0; VDM's gamma_min keeps t = 0 finite), reading alpha_0,
+sigma_0, the decoder and the truncation at gamma(t_eps); the stochastic ones take K draws per
+example (num_samples) and report the importance-weighted bound, tighter as K grows.
 """
 
 import functools
@@ -37,7 +33,8 @@ from collections.abc import Callable, Iterable
 import jax
 import jax.numpy as jnp
 
-from vdm.core import decoder, diffusion, split_stats
+from vdm.core import diffusion, split_stats
+from vdm.sampling import dequantization as dequantization_lib
 from vdm.sampling import ode
 from vdm.sampling.model import eps_model
 from vdm.sampling.sharded import constrain
@@ -105,12 +102,15 @@ def _divergence_fn(velocity: Callable, trace: str):
     def field(t, state, tangents):
         z, _ = state  # the second entry accumulates int div dt
         b, d = z.shape[0], math.prod(z.shape[1:])
-        f, jvp = jax.linearize(lambda zz: velocity(t, zz), z)
-        jv = jax.vmap(jvp)(tangents).reshape(tangents.shape[0], b, d)
+        # Reverse mode (v^T J), not forward: the networks' fused GroupNorm is a custom_vjp,
+        # which has no forward-mode rule. The trace is the same either way.
+        f, vjp = jax.vjp(lambda zz: velocity(t, zz), z)
+        (vj,) = jax.vmap(vjp)(tangents)
+        vj = vj.reshape(tangents.shape[0], b, d)
         if trace == "exact":
-            div = jnp.einsum("ibi->b", jv)
+            div = jnp.einsum("ibi->b", vj)
         else:
-            div = jnp.mean(jnp.sum(jv * tangents.reshape(jv.shape), axis=-1), axis=0)
+            div = jnp.mean(jnp.sum(vj * tangents.reshape(vj.shape), axis=-1), axis=0)
         return f, div
 
     return field
@@ -198,58 +198,71 @@ def ode_nll(
     vocab_size: int | None,
     dequantization: str = "decoder",
     t_eps: float = 0.0,
+    num_samples: int = 1,
     **ode_options,
 ) -> dict:
     """Negative log-likelihood of data under the PF-ODE model, in nats and bits/dim.
+
+    The K = num_samples draws of every example are solved together as one batch of K B
+    examples (one shared step sequence; K times the memory of K = 1).
 
     Args:
       denoise_fn, schedule, schedule_params: the model.
       x: data [B, ...]: integers in [0, vocab_size), or continuous (vocab_size None).
       key: PRNG key (dequantisation noise and probes).
       vocab_size: number of discrete values, or None.
-      dequantization: decoder|uniform|none (module docstring; uniform needs vocab_size,
-        none needs continuous data).
-      t_eps: start time of the ODE.
+      dequantization: decoder|uniform|truncated_normal|none (vdm.sampling.dequantization;
+        uniform and truncated_normal need vocab_size, none needs continuous data).
+      t_eps: start time of the ODE; alpha, sigma, the decoder and the truncation are read at
+        gamma(t_eps).
+      num_samples: K dequantisation draws per example, combined by importance weighting,
+        -log (1/K sum_k P(x, z_k) / q(z_k | x)); 1 for 'none'.
       **ode_options: passed to ode_log_prob (parameterization, cond, trace, num_probes, probe,
         solver, steps, rtol, atol, max_steps, batch_sharding).
 
     Returns:
-      Dict of [B] arrays 'nll' (nats), 'bpd', 'log_prob' (log p_ODE at the ODE's start) and
-      the scalar 'num_steps'.
+      Dict of [B] arrays in nats 'nll', 'log_prob' (log p_ODE at the start, averaged over the
+      K draws); in bits/dim 'bpd' and its terms 'prior_bpd' (-log N(z_1; 0, I)),
+      'divergence_bpd' (-int div dt), 'dequantization_bpd', 'jacobian_bpd' (each the mean
+      over the K draws) and 'importance_bpd' (the importance-weighting gain, <= 0, zero for
+      K = 1), which add up to 'bpd'; 'z_start' [K, B, ...] (the ODE's start latents); and
+      the scalar 'num_steps' of the solve.
     """
-    if dequantization not in ("decoder", "uniform", "none"):
-        raise ValueError(f"Unknown dequantization {dequantization!r}; use decoder|uniform|none.")
-    if dequantization == "uniform" and vocab_size is None:
-        raise ValueError("Uniform dequantisation needs discrete data (vocab_size).")
-    if dequantization == "none" and vocab_size is not None:
-        raise ValueError("dequantization='none' is for continuous data; use decoder|uniform.")
+    dequantization_lib.check(dequantization, vocab_size, num_samples)
     k_deq, k_ode = jax.random.split(key)
-    x_enc = decoder.encode(x, vocab_size)
-    n, d = x_enc.shape[0], math.prod(x_enc.shape[1:])
-    g = jnp.broadcast_to(schedule.gamma(schedule_params, jnp.asarray(t_eps)), (n,))
+    n, k = x.shape[0], num_samples
+    d = math.prod(x.shape[1:])
+    # The K draws of example i are rows i, B + i, ...: the batch tiled K times.
+    x_rep = x if k == 1 else jnp.concatenate([x] * k, axis=0)
+    g = jnp.broadcast_to(schedule.gamma(schedule_params, jnp.asarray(t_eps)), (n * k,))
     alpha, sigma = diffusion.alpha_sigma(g)
-    if dequantization == "decoder":
-        eps = constrain(jax.random.normal(k_deq, x_enc.shape, x_enc.dtype),
-                        ode_options.get("batch_sharding"))  # fmt: skip
-        z0 = diffusion.q_sample(x_enc, g, eps)
-        log_q = -0.5 * jnp.sum(jnp.square(eps.reshape(n, -1)), axis=1) - d * (
-            jnp.log(sigma) + 0.5 * math.log(2 * math.pi)
-        )
-        extra = decoder.reconstruction_loss(x, z0, g, vocab_size) + log_q
-    else:
-        y = x_enc
-        if dequantization == "uniform":
-            u = jax.random.uniform(k_deq, x_enc.shape, x_enc.dtype)
-            y = x_enc + 2.0 / vocab_size * (u - 0.5)
-        z0 = diffusion.broadcast(alpha, y) * y
-        extra = -d * jnp.log(alpha)
-        if dequantization == "uniform":
-            extra = extra + d * math.log(vocab_size / 2.0)
-    out = ode_log_prob(denoise_fn, schedule, schedule_params, z0, k_ode, t0=t_eps, **ode_options)
-    nll = extra - out["log_prob"]
-    return {
-        "nll": nll,
-        "bpd": nll / (d * math.log(2.0)),
-        "log_prob": out["log_prob"],
-        "num_steps": out["num_steps"],
+    options = dict(ode_options)
+    sharding = options.get("batch_sharding")
+    if k > 1 and options.get("cond") is not None:
+        options["cond"] = jax.tree.map(lambda c: jnp.concatenate([c] * k, axis=0), options["cond"])
+    z0, terms = dequantization_lib.dequantize(
+        constrain(x_rep, sharding), k_deq, alpha=alpha, sigma=sigma, gamma=g,
+        vocab_size=vocab_size, dequantization=dequantization, batch_sharding=sharding,
+    )  # fmt: skip
+    out = ode_log_prob(denoise_fn, schedule, schedule_params, z0, k_ode, t0=t_eps, **options)
+    per_draw = {
+        "prior": -out["prior_log_prob"],
+        "divergence": -out["delta_log_prob"],
+        "dequantization": terms["dequantization"],
+        "jacobian": terms["jacobian"],
     }
+    per_draw = {name: v.reshape(k, n) for name, v in per_draw.items()}
+    nll_draws = sum(per_draw.values())  # [K, B]: each draw's own bound
+    # -log mean_k exp(-nll_k): the importance-weighted bound over the K draws.
+    nll = -(jax.nn.logsumexp(-nll_draws, axis=0) - math.log(k))
+    to_bits = 1.0 / (d * math.log(2.0))
+    result = {f"{name}_bpd": v.mean(axis=0) * to_bits for name, v in per_draw.items()}
+    result["importance_bpd"] = (nll - nll_draws.mean(axis=0)) * to_bits
+    result.update(
+        nll=nll,
+        bpd=nll * to_bits,
+        log_prob=out["log_prob"].reshape(k, n).mean(axis=0),
+        z_start=z0.reshape((k, n) + z0.shape[1:]),
+        num_steps=out["num_steps"],
+    )
+    return result

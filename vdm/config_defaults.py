@@ -67,7 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Score network: see vdm/nets.
     c.model = ml_collections.ConfigDict()
     c.model.type = "vdm_unet"  # vdm_unet|unet|mlp
-    c.model.parameterization = "eps"  # eps|x|v: what the network predicts
+    c.model.parameterization = "eps"  # eps|x|v|score: what the network predicts
+    # True: the published network's output eps_hat = out + z_t (eps_hat = z_t at init); for x
+    # and v the base implying the same eps, for score rejected (vdm/nets/base_measure.py).
+    c.model.base_measure = False
     c.model.n_embd = 128  # channels (U-Nets) / hidden width (MLP)
     c.model.n_layers = 32  # ResNet blocks per side (vdm_unet) / hidden layers (mlp)
     c.model.dropout = 0.1

@@ -9,7 +9,10 @@ For each seed and each setting of model.base_measure it trains --config (default
 digits config) for --steps steps, evaluating the full test split's ELBO bits/dim --evals times
 at equal intervals, with every other setting, the seed and the batches identical. Both runs of a
 seed share the initial parameters (the base measure adds none) and the eval draws, so the
-columns differ only by the network's output form. It prints a table and writes
+columns differ only by the network's output form. Each eval point is reported twice: with the
+EMA parameters (what the run itself evaluates; early on they are still close to the
+initialisation, where the two output forms differ most) and with the raw trained parameters,
+evaluated afterwards from the checkpoint of that step. It prints a table and writes
 experiments/results/base_measure.json (every figure with the environment) and base_measure.md.
 """
 
@@ -27,6 +30,7 @@ from ml_collections import config_flags
 
 from vdm import runtime
 from vdm.run import logs
+from vdm.run.evaluate import evaluate
 from vdm.run.loop import train
 from vdm.run.setup import build_run
 
@@ -55,7 +59,11 @@ def machine() -> str:
 
 
 def train_one(seed: int, base_measure: bool, workdir: str) -> dict:
-    """Trains one run; returns {'evals': {step: bits/dim}, 'wall_s': seconds}."""
+    """Trains one run.
+
+    Returns:
+      {'ema': {step: bits/dim}, 'raw': {step: bits/dim}, 'wall_s': training seconds}.
+    """
     config = FLAGS.config
     with config.unlocked():
         config.seed = seed
@@ -64,14 +72,24 @@ def train_one(seed: int, base_measure: bool, workdir: str) -> dict:
         config.train.eval_every = max(FLAGS.steps // FLAGS.evals, 1)
         config.train.log_every = config.train.eval_every
         config.train.ckpt_every = FLAGS.steps
+        config.train.keep_ckpts = FLAGS.evals + 1  # every eval point, for the raw evaluation
         config.train.write_samples = False  # the figure is bits/dim; sampling costs minutes
+    run = build_run(config)
     start = time.perf_counter()
-    train(build_run(config), workdir, tensorboard=False)
+    train(run, workdir, tensorboard=False)
     wall = time.perf_counter() - start
-    evals = {
+    ema = {
         int(r["step"]): float(r["eval/bpd"]) for r in logs.read_metrics(workdir) if "eval/bpd" in r
     }
-    return {"evals": evals, "wall_s": wall}
+    raw = {}
+    ckpts = run.checkpoints(workdir)
+    try:
+        for step in sorted(ema):
+            state, _, _ = ckpts.restore(run.abstract_state, step)
+            raw[step] = float(evaluate(run, state.params)["eval/bpd"])
+    finally:
+        ckpts.close()
+    return {"ema": ema, "raw": raw, "wall_s": wall}
 
 
 def to_markdown(record: dict) -> str:
@@ -84,14 +102,15 @@ def to_markdown(record: dict) -> str:
         "",
         f"Command: `{record['command']}`",
         "",
-        "| seed | step | base_measure=False | base_measure=True | True - False |",
-        "|---:|---:|---:|---:|---:|",
+        "| seed | params | step | base_measure=False | base_measure=True | True - False |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for seed, runs in record["runs"].items():
-        off, on = runs["False"]["evals"], runs["True"]["evals"]
-        for step in sorted(off, key=int):
-            diff = on[step] - off[step]
-            lines.append(f"| {seed} | {step} | {off[step]:.4f} | {on[step]:.4f} | {diff:+.4f} |")
+        for kind in ("ema", "raw"):
+            off, on = runs["False"][kind], runs["True"][kind]
+            for step in sorted(off, key=int):
+                a, b = off[step], on[step]
+                lines.append(f"| {seed} | {kind} | {step} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
     lines.append("")
     for seed, runs in record["runs"].items():
         lines.append(
@@ -112,10 +131,10 @@ def main(argv):
             workdir = os.path.join(parent, f"seed{seed}_bm{int(on)}")
             result = train_one(seed, on, workdir)
             runs[str(seed)][str(on)] = {
-                "evals": {str(k): v for k, v in result["evals"].items()},
-                "wall_s": result["wall_s"],
+                kind: {str(k): v for k, v in result[kind].items()} for kind in ("ema", "raw")
             }
-            print(f"seed {seed} base_measure={on}: {result['evals']} ({result['wall_s']:.0f} s)")
+            runs[str(seed)][str(on)]["wall_s"] = result["wall_s"]
+            print(f"seed {seed} base_measure={on}: {result} ")
     record = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),

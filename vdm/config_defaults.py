@@ -145,7 +145,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.sampler = "ancestral"  # a SAMPLERS name: ancestral|ddpm|ddim|sde|pc|ode|langevin
     c.sample.steps = 1000
     c.sample.num = 64
-    c.sample.guidance = 0.0  # classifier-free guidance weight w
+    # Classifier-free guidance weight, in the eps_null + w (eps_cond - eps_null) convention of
+    # vdm/core/guidance.py: 0 = unconditional, 1 = conditional (the default: a class-conditional
+    # model's grid follows sample.label), > 1 = over-weighted. Ho & Salimans (2022) write
+    # (1 + w') eps_cond - w' eps_null, so their w' = guidance - 1 (their w' = 0: conditional).
+    # No effect on a model with model.num_classes = 0.
+    c.sample.guidance = 1.0
     c.sample.label = -1  # class to sample for guided models (-1: cycle over classes)
     # Each sampler's options: sample.ddim.eta, sample.ode.{solver, rtol, atol, ...}, ...
     add_part_options(c.sample, samplers.SAMPLERS)

@@ -5,7 +5,8 @@
   python -m vdm.main --config=configs/cifar10.py:small --workdir=runs/c10-small  # CPU-sized
 
 Paper values: VDM U-Net with 128 channels, 32 ResNet blocks per side, no down-sampling,
-attention only in the middle, dropout 0.1, Fourier features 2^6..2^7 (30.58M parameters);
+attention only in the middle, dropout 0.1, Fourier features 2^6..2^7 (30.58M parameters),
+output eps_hat = conv_out(h) + z_t (the official code's "base measure", model.base_measure);
 learned linear schedule from gamma = -13.3 to 5.0; batch 128; AdamW lr 2e-4, b1 0.9, b2 0.99,
 eps 1e-8, weight decay 0.01, 100-step linear warm-up; EMA 0.9999; no gradient clipping;
 antithetic time sampling; 10M steps; seed 1. See experiments/reproduce/README.md for the
@@ -30,6 +31,7 @@ def get_config(arg=None):
     c.model.dropout = 0.1
     c.model.with_attention = False
     c.model.fourier_min, c.model.fourier_max = 6, 7
+    c.model.base_measure = True  # eps_hat = conv_out(h) + z_t, as published
 
     c.schedule.type = "learned_linear"
     c.schedule.gamma_min, c.schedule.gamma_max = -13.3, 5.0

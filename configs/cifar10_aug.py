@@ -5,7 +5,8 @@
 Random flips and 90-degree rotations (vdm.data.augment), with the "was augmented" flag given to
 the network as conditioning so that sampling and evaluation with flag 0 model clean images.
 The published config: VDM U-Net with 256 channels, 32 layers, dropout 0.05, learned network
-schedule, batch 768, AdamW lr 1e-4. The paper's own run also used attention in every block
+schedule, batch 768, AdamW lr 1e-4, and the published output eps_hat = conv_out(h) + z_t
+(model.base_measure). The paper's own run also used attention in every block
 and batch 1024: pass --config.model.with_attention=True --config.data.batch_size=1024 for that.
 """
 
@@ -28,6 +29,7 @@ def get_config(arg=None):
     c.model.dropout = 0.05
     c.model.cond_aug = True
     c.model.fourier_min, c.model.fourier_max = 6, 7
+    c.model.base_measure = True  # eps_hat = conv_out(h) + z_t, as published
 
     c.schedule.type = "learned_net"
     c.schedule.gamma_min, c.schedule.gamma_max = -13.3, 5.0

@@ -8,8 +8,9 @@ Prepare the data once where there is internet: `tfds build downsampled_imagenet/
 downsampled ImageNet the paper reports on; numbers on the anti-aliased version are not
 comparable. It has no test split: bits/dim are on its 50,000 validation images.
 
-Published: VDM U-Net, 256 channels, 32 layers; otherwise as CIFAR-10 (learned linear schedule
-from -13.3 to 5.0, batch 128, AdamW 2e-4, EMA 0.9999). Our choices where the published
+Published: VDM U-Net, 256 channels, 32 layers; otherwise as CIFAR-10 (output conv_out(h) + z_t
+with model.base_measure, learned linear schedule from -13.3 to 5.0, batch 128, AdamW 2e-4, EMA
+0.9999). Our choices where the published
 table is silent: no dropout (1.28M training images; CIFAR-10's 0.1 is there against
 overfitting 50,000), and 2M steps (extend with --config.train.num_steps if still improving).
 """
@@ -31,6 +32,7 @@ def get_config(arg=None):
     c.model.n_layers = 32
     c.model.dropout = 0.0  # not published; see the docstring
     c.model.fourier_min, c.model.fourier_max = 6, 7
+    c.model.base_measure = True  # eps_hat = conv_out(h) + z_t, as published
 
     c.schedule.type = "learned_linear"
     c.schedule.gamma_min, c.schedule.gamma_max = -13.3, 5.0

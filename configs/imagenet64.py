@@ -13,8 +13,9 @@ CIFAR-10 layer (4x from channels, 4x from pixels) and the net about 32 times the
 about 1.7 TFLOP per image forward. `:unet` is a multi-resolution U-Net (channel multipliers
 1-2-3-4, attention at 32, 16 and 8) that costs a fraction of that, for when the faithful model
 is out of budget; it does not claim the published number. The paper gives only the net's size
-for this result; the rest follows configs/imagenet32.py (learned linear schedule, batch 128,
-AdamW 2e-4, EMA 0.9999, no dropout, 2M steps).
+for this result; the rest follows configs/imagenet32.py (output conv_out(h) + z_t with
+model.base_measure, learned linear schedule, batch 128, AdamW 2e-4, EMA 0.9999, no dropout, 2M
+steps); `:unet` keeps the base measure too.
 """
 
 from vdm.config_defaults import base_config, finalize
@@ -34,6 +35,7 @@ def get_config(arg=None):
     c.model.dropout = 0.0
     c.model.scan = True  # 129 ResNet blocks: compile one down and one up block
     c.model.fourier_min, c.model.fourier_max = 6, 7
+    c.model.base_measure = True  # eps_hat = conv_out(h) + z_t, as published
 
     c.schedule.type = "learned_linear"
     c.schedule.gamma_min, c.schedule.gamma_max = -13.3, 5.0

@@ -7,7 +7,7 @@
 Evaluation reports the data's true bits/dim next to the model's ELBO (eval/true_bpd and
 eval/bpd_gap), so the gap says how good the model is in absolute terms. `:mixture2d` is
 labelled: it trains class-conditional with label dropout, so samples can use classifier-free
-guidance (--config.sample.guidance=W).
+guidance (--config.sample.guidance=W: 1, the default, is conditional, 0 unconditional).
 """
 
 from vdm.config_defaults import base_config, finalize

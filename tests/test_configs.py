@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vdm import nets
-from vdm.run.setup import build_dataset
+from vdm.run.setup import build_dataset, build_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = [
@@ -133,6 +133,7 @@ def test_cifar10_matches_the_paper():
     assert (a.b1, a.b2, a.eps, a.weight_decay) == (0.9, 0.99, 1e-8, 0.01)
     assert (o.warmup_steps, o.ema_rate, o.grad_clip) == (100, 0.9999, 0.0)
     assert c.train.num_steps == 10_000_000
+    assert c.model.base_measure  # the published output eps_hat = conv_out(h) + z_t
 
 
 def test_other_published_configs():
@@ -148,6 +149,8 @@ def test_other_published_configs():
         assert (c.schedule.gamma_min, c.schedule.gamma_max) == (-13.3, 5.0)
         assert (c.optim.learning_rate, c.optim.ema_rate) == (2e-4, 0.9999)
     assert load("imagenet64", "unet").model.type == "unet"
+    for name, arg in (("cifar10_aug", None), ("imagenet32", None), ("imagenet64", None)):
+        assert load(name, arg).model.base_measure, name
 
 
 def test_digits_default_is_cpu_sized():
@@ -164,3 +167,18 @@ def test_digits_default_is_cpu_sized():
 def test_parameter_counts_match_the_published_models(name, published):
     # Published sizes: 30.58M (CIFAR-10), about 122M (256 channels), about 238M (64 layers).
     assert abs(param_count(load(name)) / published - 1) < 0.02
+
+
+def test_base_measure_reaches_the_network_from_the_command_line(monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)
+    assert not load("digits").model.base_measure  # the schema default is off
+    c = parse_flags("--config=configs/digits.py", "--config.model.base_measure=true")
+    net = nets.build_network(c.model, gamma_min=-8.0, gamma_max=5.0)
+    assert net.base_measure and net.parameterization == "eps"
+    c = parse_flags(
+        "--config=configs/toy.py:gaussian",
+        "--config.model.base_measure=true",
+        "--config.model.parameterization=score",
+    )
+    with pytest.raises(ValueError, match="base_measure=True is not defined for.*'score'"):
+        build_run(c)

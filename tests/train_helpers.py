@@ -54,7 +54,6 @@ TINY = {
     "sample.sampler": "ancestral",
     "sample.steps": 4,
     "sample.num": 8,
-    "sample.guidance": 0.0,
 }
 
 

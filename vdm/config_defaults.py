@@ -67,7 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Score network: see vdm/nets.
     c.model = ml_collections.ConfigDict()
     c.model.type = "vdm_unet"  # vdm_unet|unet|mlp
-    c.model.parameterization = "eps"  # eps|x|v: what the network predicts
+    c.model.parameterization = "eps"  # eps|x|v|score: what the network predicts
+    # True: the published network's output eps_hat = out + z_t (eps_hat = z_t at init); for x
+    # and v the base implying the same eps, for score rejected (vdm/nets/base_measure.py).
+    c.model.base_measure = False
     c.model.n_embd = 128  # channels (U-Nets) / hidden width (MLP)
     c.model.n_layers = 32  # ResNet blocks per side (vdm_unet) / hidden layers (mlp)
     c.model.dropout = 0.1
@@ -154,7 +157,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.sampler = "ancestral"  # a SAMPLERS name: ancestral|ddpm|ddim|sde|pc|ode|langevin
     c.sample.steps = 1000
     c.sample.num = 64
-    c.sample.guidance = 0.0  # classifier-free guidance weight w
+    # Classifier-free guidance weight, in the eps_null + w (eps_cond - eps_null) convention of
+    # vdm/core/guidance.py: 0 = unconditional, 1 = conditional (the default: a class-conditional
+    # model's grid follows sample.label), > 1 = over-weighted. Ho & Salimans (2022) write
+    # (1 + w') eps_cond - w' eps_null, so their w' = guidance - 1 (their w' = 0: conditional).
+    # No effect on a model with model.num_classes = 0.
+    c.sample.guidance = 1.0
     c.sample.label = -1  # class to sample for guided models (-1: cycle over classes)
     # Each sampler's options: sample.ddim.eta, sample.ode.{solver, rtol, atol, ...}, ...
     add_part_options(c.sample, samplers.SAMPLERS)

@@ -81,7 +81,10 @@ class SamplerSpec:
       sampler: a vdm.sampling SAMPLERS name.
       steps: grid steps (or the ODE's first step 1/steps).
       options: the sampler's own options (validated against its registration).
-      guidance: classifier-free guidance weight w (0: unconditional, 1: conditional).
+      guidance: classifier-free guidance weight w of eps_null + w (eps_cond - eps_null): 0 is
+        unconditional, 1 conditional (the default), > 1 over-weights the label. Ho & Salimans
+        (2022) write (1 + w') eps_cond - w' eps_null, so their w' = w - 1. Ignored by a model
+        with num_classes = 0 (it has no labels).
       label: class to sample for conditional models (-1: cycle over classes).
       num: number of samples.
     """
@@ -89,7 +92,7 @@ class SamplerSpec:
     sampler: str = "ancestral"
     steps: int = 1000
     options: dict = dataclasses.field(default_factory=dict)
-    guidance: float = 0.0
+    guidance: float = 1.0
     label: int = -1
     num: int = 64
 

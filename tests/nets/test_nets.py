@@ -14,6 +14,7 @@ import pytest
 
 from vdm import nets
 from vdm.config_defaults import base_config
+from vdm.core import diffusion
 from vdm.nets import layers
 from vdm.nets.layers import apply_stack, fourier_features, timestep_embedding
 
@@ -142,6 +143,31 @@ def test_fresh_model_outputs_exactly_zero(real_init, kind):
     pred = model.apply(variables, z, gamma_t, {"label": jnp.asarray([0, 1])})
     assert pred.shape == z.shape
     np.testing.assert_array_equal(pred, np.zeros(z.shape, np.float32))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_model_with_base_measure_predicts_eps_equal_z(real_init, kind):
+    # The published network returns conv_out(h) + z_t: eps_hat = z_t at initialisation. For x
+    # and v the base is the prediction that implies the same eps.
+    z, gamma_t = inputs(kind)
+    variables = real_init[kind](init_key(0), z, gamma_t)  # base_measure adds no parameters
+    cond = {"label": jnp.asarray([0, 1])}
+    for param in ("eps", "x", "v"):
+        model = build(kind, num_classes=NUM_CLASSES, base_measure=True, parameterization=param)
+        pred = model.apply(variables, z, gamma_t, cond)
+        if param == "eps":
+            np.testing.assert_array_equal(pred, z)
+        else:  # alpha z / (1 + sigma), in float64
+            g = np.asarray(gamma_t, np.float64).reshape((-1,) + (1,) * (z.ndim - 1))
+            alpha, sigma = np.sqrt(1 / (1 + np.exp(g))), np.sqrt(1 / (1 + np.exp(-g)))
+            np.testing.assert_allclose(pred, alpha / (1 + sigma) * np.asarray(z), rtol=1e-6)
+        # to_eps of x divides by sigma_t = 0.0067 at gamma = -10, amplifying float32 rounding.
+        eps = diffusion.to_eps(pred, z, gamma_t, param)
+        np.testing.assert_allclose(eps, z, rtol=1e-4, atol=1e-4)
+    # A scalar gamma_t broadcasts over the batch like a [B] one.
+    model = build(kind, num_classes=NUM_CLASSES, base_measure=True, parameterization="x")
+    one = model.apply(variables, z, gamma_t[0], cond)
+    np.testing.assert_allclose(one[:1], model.apply(variables, z, gamma_t, cond)[:1], rtol=1e-6)
 
 
 def test_init_is_deterministic_given_key(real_init):
@@ -311,3 +337,6 @@ def test_build_network_rejects_bad_configs():
         build("mlp", dtype="float16")
     with pytest.raises(ValueError, match="scan"):
         build("unet", scan=True)
+    with pytest.raises(ValueError, match="base_measure=True is not defined for.*'score'"):
+        build("mlp", base_measure=True, parameterization="score")
+    build("mlp", base_measure=False, parameterization="score")  # without the base it is fine

@@ -2,8 +2,10 @@
 
 Classifier-free guidance with weight w combines two predictions of the same network in eps
 space, eps_w = eps(z, null) + w (eps(z, cond) - eps(z, null)): w = 0 is the unconditional
-model, w = 1 the conditional one, w > 1 over-weights the condition (Ho & Salimans 2022). Since
-eps = -sigma * score, this is the score of p(z) p(y | z)^w up to the usual approximation.
+model, w = 1 the conditional one, w > 1 over-weights the condition. Ho & Salimans (2022) write
+the same mixture as (1 + w') eps(z, cond) - w' eps(z, null), so their w' = w - 1: their w' = 0
+(plain conditional) is w = 1 here, and their w' = 3 is w = 4. Since eps = -sigma * score, this
+is the score of p(z) p(y | z)^w up to the usual approximation.
 
 Classifier guidance (Dhariwal & Nichol 2021) adds scale * grad_z log p(y | z_t) to the score,
 i.e. shifts eps by -sigma_t * scale * grad; the classifier sees noisy inputs and gamma_t, and is

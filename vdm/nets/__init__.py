@@ -4,6 +4,8 @@ Every model is a linen Module called as `model.apply(variables, z, gamma_t, cond
 with z [B, H, W, C] (U-Nets) or [B, D] (MLP), gamma_t [B] or a scalar, and cond None or a dict
 with optional 'label' (int32 [B]; num_classes is the null label) and 'aug' (float32 [B]). It
 returns a float32 array shaped like z; dropout draws from the 'dropout' rng when train=True.
+With model.base_measure every network adds the fixed base of vdm/nets/base_measure.py to its
+output (eps_hat = out + z_t for eps-prediction, the published form).
 
 Models built with model.scan keep their repeated blocks stacked on a leading axis;
 `to_scanned_params` and `to_unrolled_params` convert a parameter tree between the two layouts
@@ -17,6 +19,7 @@ import flax.linen as nn
 import jax
 
 from vdm.nets import mlp, unet, vdm_unet
+from vdm.nets.base_measure import check_base_measure
 from vdm.nets.layers import stack_params, unstack_params
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -56,6 +59,8 @@ def build_network(model_config, *, gamma_min: float, gamma_max: float) -> nn.Mod
         raise ValueError(f"Unknown model dtype {model_config.dtype!r}; use {COMPUTE_DTYPES}.")
     if model_config.get("scan", False) and not SCANNED_STACKS[kind]:
         raise ValueError(f"Model type {kind!r} has no identical blocks to scan; set scan=False.")
+    if model_config.get("base_measure", False):
+        check_base_measure(model_config.get("parameterization", "eps"))
     cls = MODELS[kind]
     kwargs = {}
     for field in dataclasses.fields(cls):

@@ -3,7 +3,8 @@
   [z, Fourier features of z] -> Dense(n_embd)
   n_layers residual blocks of width n_embd: LayerNorm, swish, Dense, + projected conditioning,
   LayerNorm, swish, dropout, zero-initialised Dense, residual add
-  LayerNorm, swish, zero-initialised Dense back to D.
+  LayerNorm, swish, zero-initialised Dense back to D
+  (+ the base measure, z_t for eps, with model.base_measure).
 The conditioning vector (width n_embd) is the VDM U-Net's: time embedding of 1000 t', the aug
 flag and an optional label embedding with a null label. The blocks are identical, so
 model.scan builds them with one nn.scan (parameters under "blocks").
@@ -14,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vdm.nets.base_measure import add_base_measure
 from vdm.nets.layers import ConditioningEmbed, apply_stack, fourier_features
 
 STACKS = ("blocks",)  # parameter names of the repeated blocks (see layers.stack_params)
@@ -65,6 +67,10 @@ class MLPDenoiser(nn.Module):
     scan: bool = False
     remat: bool = False
     dtype: str = "float32"
+    # The published form eps_hat = out + z_t (see vdm/nets/base_measure.py); the
+    # parameterisation picks the base of other predicted quantities.
+    base_measure: bool = False
+    parameterization: str = "eps"
 
     @nn.compact
     def __call__(self, z, gamma_t, cond=None, *, train: bool = False):
@@ -98,4 +104,7 @@ class MLPDenoiser(nn.Module):
         out = nn.Dense(
             z.shape[-1], kernel_init=nn.initializers.zeros, dtype=dtype, name="dense_out"
         )(h)
-        return out.astype(jnp.float32)
+        out = out.astype(jnp.float32)
+        if self.base_measure:
+            out = add_base_measure(out, z, gamma_t, self.parameterization)
+        return out

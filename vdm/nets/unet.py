@@ -7,7 +7,8 @@ Level i runs at resolution H / 2^i with n_embd * channel_mult[i] channels:
   middle: ResNet, attention, ResNet
   per level, coarsest first: num_res_blocks + 1 ResNet blocks each on concat(h, skip)
   (+ attention), then nearest-neighbour 2x upsampling and a conv3x3 except on level 0
-  GroupNorm, swish, zero-initialised conv3x3.
+  GroupNorm, swish, zero-initialised conv3x3
+  (+ the base measure, z_t for eps, with model.base_measure).
 The conditioning (time, aug flag, label) and the ResNet/attention blocks are those of the VDM
 U-Net (vdm.nets.layers). H and W must be divisible by 2^(len(channel_mult) - 1).
 
@@ -21,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdm.nets.base_measure import add_base_measure
 from vdm.nets.group_norm import GroupNorm
 from vdm.nets.layers import (
     AttentionBlock,
@@ -78,6 +80,10 @@ class UNet(nn.Module):
     remat: bool = False
     conv_grad: str = "xla"
     dtype: str = "float32"
+    # The published form eps_hat = out + z_t (see vdm/nets/base_measure.py); the
+    # parameterisation picks the base of other predicted quantities.
+    base_measure: bool = False
+    parameterization: str = "eps"
 
     @nn.compact
     def __call__(self, z, gamma_t, cond=None, *, train: bool = False):
@@ -140,4 +146,7 @@ class UNet(nn.Module):
 
         h = nn.swish(GroupNorm(self.norm_groups, dtype=dtype, name="norm_out")(h))
         out = Conv3x3(z.shape[-1], nn.initializers.zeros, **conv, name="conv_out")(h)
-        return out.astype(jnp.float32)
+        out = out.astype(jnp.float32)
+        if self.base_measure:
+            out = add_base_measure(out, z, gamma_t, self.parameterization)
+        return out

@@ -8,8 +8,9 @@ All blocks run at the input resolution:
   GroupNorm, swish, zero-initialised conv3x3 back to the input channels.
 With with_attention every down/up block is followed by an attention block.
 
-The CIFAR-10 config (n_embd 128, n_layers 32) has 30,578,179 parameters. Unlike the official
-code the output is not `conv_out(h) + z`: the network returns exactly what the loss asks for.
+The CIFAR-10 config (n_embd 128, n_layers 32) has 30,578,179 parameters. With
+model.base_measure the output is the official code's `conv_out(h) + z` (eps_hat = z_t at
+initialisation; vdm/nets/base_measure.py); without it, conv_out(h) alone (0 at initialisation).
 
 model.conv_grad="patches" swaps in a hand-written convolution backward pass that XLA:CPU runs
 fast inside nn.scan (see layers.Conv3x3).
@@ -23,6 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vdm.nets.base_measure import add_base_measure
 from vdm.nets.group_norm import GroupNorm
 from vdm.nets.layers import (
     AttentionBlock,
@@ -116,6 +118,10 @@ class VDMUNet(nn.Module):
     remat: bool = False
     conv_grad: str = "xla"
     dtype: str = "float32"
+    # The published form eps_hat = out + z_t (see vdm/nets/base_measure.py); the
+    # parameterisation picks the base of other predicted quantities.
+    base_measure: bool = False
+    parameterization: str = "eps"
 
     @nn.compact
     def __call__(self, z, gamma_t, cond=None, *, train: bool = False):
@@ -167,4 +173,7 @@ class VDMUNet(nn.Module):
 
         h = nn.swish(GroupNorm(self.norm_groups, dtype=dtype, name="norm_out")(h))
         out = Conv3x3(z.shape[-1], nn.initializers.zeros, **conv, name="conv_out")(h)
-        return out.astype(jnp.float32)
+        out = out.astype(jnp.float32)
+        if self.base_measure:
+            out = add_base_measure(out, z, gamma_t, self.parameterization)
+        return out

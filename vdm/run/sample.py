@@ -30,6 +30,9 @@ def draw_samples(run: Run, params, *, key=None, spec: SamplerSpec | None = None)
 def sample_checkpoint(run: Run, workdir) -> str:
     """Samples (config.sample) from the latest checkpoint; writes samples_<step>.png/.npy.
 
+    The name also holds the sampler and steps, and for a class-conditional model a guidance
+    weight other than the default 1 (conditional) as _w<guidance>.
+
     Returns:
       The path of the PNG.
     """
@@ -37,7 +40,7 @@ def sample_checkpoint(run: Run, workdir) -> str:
     samples = draw_samples(run, run.eval_params(state))
     s = run.sampler
     name = f"samples_{step}_{s.sampler}_{s.steps}"
-    if s.guidance:
+    if run.model.num_classes and s.guidance != 1.0:  # 1 (conditional) is the default
         name += f"_w{s.guidance:g}"
     path = str(epath.Path(workdir) / f"{name}.png")
     if jax.process_index() == 0:

@@ -5,7 +5,7 @@
 
 `ode_log_prob` gives log p_ODE(z) at time t0 by integrating the PF-ODE (vdm.sampling.ode) up to
 t = 1 together with the divergence of its velocity, log p_t0(z) = log N(z_1; 0, I) + int div dt,
-the divergence exact (D forward-mode passes, small D) or Hutchinson's estimate with fixed
+the divergence exact (D reverse-mode passes, small D) or Hutchinson's estimate with fixed
 Rademacher or Gaussian probes. Both assume examples do not interact inside the denoiser (no
 batch statistics), so the batch Jacobian is block-diagonal.
 
@@ -172,8 +172,11 @@ def _divergence_fn(velocity: Callable, trace: str):
     def field(t, state, tangents):
         z, _ = state  # the second entry accumulates int div dt
         b, d = z.shape[0], math.prod(z.shape[1:])
-        f, jvp = jax.linearize(lambda zz: velocity(t, zz), z)
-        jv = jax.vmap(jvp)(tangents).reshape(tangents.shape[0], b, d)
+        # Reverse mode: v^T J v = (J^T v) . v and (J^T e_i)_i = J_ii, the same estimates as
+        # forward mode, but the U-Nets' GroupNorm (and patches convolution) define only a
+        # custom VJP, through which JAX cannot take a JVP.
+        f, vjp = jax.vjp(lambda zz: velocity(t, zz), z)
+        jv = jax.vmap(lambda v: vjp(v)[0])(tangents).reshape(tangents.shape[0], b, d)
         if trace == "exact":
             div = jnp.einsum("ibi->b", jv)
         else:

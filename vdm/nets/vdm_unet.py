@@ -8,8 +8,10 @@ All blocks run at the input resolution:
   GroupNorm, swish, zero-initialised conv3x3 back to the input channels.
 With with_attention every down/up block is followed by an attention block.
 
-The CIFAR-10 config (n_embd 128, n_layers 32) has 30,578,179 parameters. Unlike the official
-code the output is not `conv_out(h) + z`: the network returns exactly what the loss asks for.
+The CIFAR-10 config (n_embd 128, n_layers 32) has 30,578,179 parameters. By default the output
+is exactly what the loss asks for; model.base_measure adds z to it (`conv_out(h) + z`, the
+official code's "base measure"), which vdm/convert_official.py needs for the released weights.
+The time embedding has model.time_embed_dim channels (128; the official code uses n_embd).
 
 model.conv_grad="patches" swaps in a hand-written convolution backward pass that XLA:CPU runs
 fast inside nn.scan (see layers.Conv3x3).
@@ -112,6 +114,8 @@ class VDMUNet(nn.Module):
     num_heads: int = 1
     num_classes: int = 0
     cond_aug: bool = False
+    base_measure: bool = False
+    time_embed_dim: int = 128
     scan: bool = False
     remat: bool = False
     conv_grad: str = "xla"
@@ -126,6 +130,7 @@ class VDMUNet(nn.Module):
             self.gamma_max,
             self.num_classes,
             self.cond_aug,
+            time_embed_dim=self.time_embed_dim,
             dtype=dtype,
             name="cond_embed",
         )(gamma_t, cond, z.shape[0])
@@ -167,4 +172,6 @@ class VDMUNet(nn.Module):
 
         h = nn.swish(GroupNorm(self.norm_groups, dtype=dtype, name="norm_out")(h))
         out = Conv3x3(z.shape[-1], nn.initializers.zeros, **conv, name="conv_out")(h)
-        return out.astype(jnp.float32)
+        out = out.astype(jnp.float32)
+        # The official network predicts eps as a correction to z itself ("base measure").
+        return out + jnp.asarray(z, jnp.float32) if self.base_measure else out

@@ -28,6 +28,7 @@ LAYERS = {
     "vdm.config_defaults": 4,
     "vdm.run": 5,
     "vdm.main": 6,
+    "vdm.convert_official": 6,
 }
 # Libraries that only the config schema, the run layer and the CLI may import.
 CONFIG_LIBRARIES = ("ml_collections",)

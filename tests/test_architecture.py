@@ -29,6 +29,7 @@ LAYERS = {
     "vdm.run": 5,
     "vdm.main": 6,
     "vdm.collect": 6,
+    "vdm.convert_official": 6,
 }
 # Libraries that only the config schema, the run layer and the CLI may import.
 CONFIG_LIBRARIES = ("ml_collections",)

@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 1
     c.model.num_classes = 0  # >0 adds a label embedding with a reserved null label (CFG)
     c.model.cond_aug = False  # scalar augmentation-flag conditioning input
+    c.model.time_embed_dim = 128  # vdm_unet: sinusoidal time-embedding width (official: n_embd)
     c.model.scan = False  # build identical blocks with nn.scan (compile time flat in depth)
     c.model.remat = False  # rematerialise blocks (memory for compute)
     c.model.dtype = "float32"  # compute dtype: float32|bfloat16 (params stay float32)

@@ -11,6 +11,7 @@ With with_attention every down/up block is followed by an attention block.
 The CIFAR-10 config (n_embd 128, n_layers 32) has 30,578,179 parameters. With
 model.base_measure the output is the official code's `conv_out(h) + z` (eps_hat = z_t at
 initialisation; vdm/nets/base_measure.py); without it, conv_out(h) alone (0 at initialisation).
+The time embedding has model.time_embed_dim channels (128; the official code uses n_embd).
 
 model.conv_grad="patches" swaps in a hand-written convolution backward pass that XLA:CPU runs
 fast inside nn.scan (see layers.Conv3x3).
@@ -114,6 +115,7 @@ class VDMUNet(nn.Module):
     num_heads: int = 1
     num_classes: int = 0
     cond_aug: bool = False
+    time_embed_dim: int = 128
     scan: bool = False
     remat: bool = False
     conv_grad: str = "xla"
@@ -132,6 +134,7 @@ class VDMUNet(nn.Module):
             self.gamma_max,
             self.num_classes,
             self.cond_aug,
+            time_embed_dim=self.time_embed_dim,
             dtype=dtype,
             name="cond_embed",
         )(gamma_t, cond, z.shape[0])

@@ -30,8 +30,10 @@ class Objective:
       weighting: a vdm.core.losses.WEIGHTINGS name (loss_type=weighted).
       weighting_options: that weighting's options.
       timesteps: T of the discrete-time loss; 0 for continuous time.
-      antithetic: low-discrepancy times over the batch.
-      schedule_grad: elbo|variance (the paper's variance-minimising rule).
+      antithetic: low-discrepancy times over the training batch (evaluation always draws
+        independent times, so its standard error treats examples as independent rightly).
+      schedule_grad: elbo|variance (the paper's variance-minimising rule; continuous time
+        only). Whatever `type` is, the schedule is trained by the ELBO (or this rule).
     """
 
     type: str = "elbo"
@@ -40,6 +42,12 @@ class Objective:
     timesteps: int = 0
     antithetic: bool = True
     schedule_grad: str = "elbo"
+
+    def __post_init__(self):
+        # Fails when a run is assembled, not when the first train step is traced.
+        losses.check_objective(
+            self.type, self.weighting, self.weighting_options, self.timesteps, self.schedule_grad
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +154,9 @@ class DiffusionModel:
           params: {'model', 'schedule'} parameters.
           batch: dict with 'x' (and 'label'/'aug').
           key: PRNG key; split into dropout, label-drop and loss keys.
-          train: training mode (dropout, label dropping, the objective's loss type);
-            otherwise the plain ELBO with a deterministic network.
+          train: training mode (dropout, label dropping, the objective's loss type and
+            antithetic times); otherwise the plain ELBO with a deterministic network and
+            independent uniform times.
 
         Returns:
           The dict of per-example terms from losses.loss_terms.
@@ -164,7 +173,9 @@ class DiffusionModel:
             cond=self.cond(batch, k_label if train else None),
             parameterization=self.parameterization,
             timesteps=o.timesteps,
-            antithetic=o.antithetic,
+            # Antithetic times correlate the examples of a batch: fine for a training
+            # gradient, wrong for an evaluation whose standard error assumes independence.
+            antithetic=o.antithetic and train,
             loss_type=o.type if train else "elbo",
             weighting=o.weighting,
             weighting_options=o.weighting_options,

@@ -153,6 +153,17 @@ def test_other_published_configs():
         assert load(name, arg).model.base_measure, name
 
 
+def test_learned_net_configs_train_its_shape_by_the_variance_rule():
+    """The continuous-time ELBO is invariant to the shape, so a learned_net schedule trained
+    by its ELBO gradient wanders: every config with one uses schedule.grad=variance."""
+    using = [(n, a) for n, a in VARIANTS if load(n, a).schedule.type == "learned_net"]
+    assert {n for n, _ in using} >= {"cifar10_aug", "toy"}
+    for name, arg in using:
+        config = load(name, arg)
+        assert config.schedule.grad == "variance", (name, arg)
+        assert config.loss.timesteps == 0, (name, arg)  # the rule needs continuous time
+
+
 def test_digits_default_is_cpu_sized():
     # The default must train in minutes on 2 CPU cores: keep an eye on whoever grows it.
     c = load("digits")

@@ -95,7 +95,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule.type = "learned_linear"  # fixed_linear|learned_linear|learned_net|cosine|ddpm
     c.schedule.gamma_min = -13.3
     c.schedule.gamma_max = 5.0
-    c.schedule.grad = "elbo"  # elbo|variance: variance = paper's variance-minimising rule
+    # elbo|variance: variance = paper's variance-minimising rule for the shape (endpoints keep
+    # ELBO gradients; continuous time only). Under any loss.type the schedule is trained by
+    # the ELBO (or this rule); loss.type chooses what trains the network.
+    c.schedule.grad = "elbo"
     # schedule.learned_net.{n_features, pin_endpoints}, schedule.ddpm.beta_min:
     add_part_options(c.schedule, schedules.SCHEDULES)
 
@@ -105,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.weighting = "none"  # for loss.type=weighted: none|sigmoid (name in losses.WEIGHTINGS)
     add_part_options(c.loss, losses.WEIGHTINGS)  # loss.sigmoid.bias
     c.loss.timesteps = 0  # T; 0 = continuous time
-    c.loss.antithetic = True  # low-discrepancy t over the global batch
+    c.loss.antithetic = True  # low-discrepancy t over the training batch (eval: iid t)
     # Importance-sampled training times (vdm/core/time_proposals.py): proposal uniform |
     # schedule (uniform in log-SNR) | adaptive (q(t) ~ sqrt of the running mean squared
     # diffusion loss in each of `bins` bins of t, kept in the train state with EMA decay

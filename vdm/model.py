@@ -52,8 +52,10 @@ class Objective:
       weighting: a vdm.core.losses.WEIGHTINGS name (loss_type=weighted).
       weighting_options: that weighting's options.
       timesteps: T of the discrete-time loss; 0 for continuous time.
-      antithetic: low-discrepancy times over the batch.
-      schedule_grad: elbo|variance (the paper's variance-minimising rule).
+      antithetic: low-discrepancy times over the training batch (evaluation always draws
+        independent times, so its standard error treats examples as independent rightly).
+      schedule_grad: elbo|variance (the paper's variance-minimising rule; continuous time
+        only). Whatever `type` is, the schedule is trained by the ELBO (or this rule).
       time: how training times are drawn (importance sampling over t).
     """
 
@@ -66,6 +68,10 @@ class Objective:
     time: TimeProposal = TimeProposal()
 
     def __post_init__(self):
+        # Fails when a run is assembled, not when the first train step is traced.
+        losses.check_objective(
+            self.type, self.weighting, self.weighting_options, self.timesteps, self.schedule_grad
+        )
         if self.time.proposal != "uniform" and self.timesteps:
             raise ValueError(
                 f"loss.time.proposal={self.time.proposal!r} needs continuous time; the "
@@ -196,8 +202,9 @@ class DiffusionModel:
           params: {'model', 'schedule'} parameters.
           batch: dict with 'x' (and 'label'/'aug').
           key: PRNG key; split into dropout, label-drop and loss keys.
-          train: training mode (dropout, label dropping, the objective's loss type);
-            otherwise the plain ELBO with a deterministic network.
+          train: training mode (dropout, label dropping, the objective's loss type and
+            antithetic times); otherwise the plain ELBO with a deterministic network and
+            independent uniform times.
           time_probs: optional [bins] proposal over t (`time_probs`); the diffusion term is
             then importance-weighted, its expectation unchanged.
 
@@ -221,7 +228,9 @@ class DiffusionModel:
             cond=self.cond(batch, k_label if train else None),
             parameterization=self.parameterization,
             timesteps=o.timesteps,
-            antithetic=o.antithetic,
+            # Antithetic times correlate the examples of a batch: fine for a training
+            # gradient, wrong for an evaluation whose standard error assumes independence.
+            antithetic=o.antithetic and train,
             loss_type=o.type if train else "elbo",
             weighting=o.weighting,
             weighting_options=o.weighting_options,

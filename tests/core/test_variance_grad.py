@@ -1,7 +1,9 @@
 """Tests of the variance-minimising schedule gradient (vdm.variance_grad, schedule_grad=...).
 
 The claim: with schedule_grad="variance", the schedule's shape gets the gradient of
-E[L_diffusion^2] while its endpoints and the denoiser get ordinary ELBO gradients. The
+E[L_diffusion^2] while its endpoints and the denoiser get ordinary ELBO gradients, all in the
+unit the train step optimises (bits/dim: the objective is mean(train) / (D ln 2) and the shape
+gets grad mean((L_diffusion / (D ln 2))^2)). The
 reference is built without the custom VJP: the schedule is split into an "end" copy of its
 parameters, which only sets gamma(0) and gamma(1), and a "shape" copy, which only sets the
 normalised curve (gamma - gamma(0)) / (gamma(1) - gamma(0)); ordinary autodiff of the ELBO in
@@ -15,7 +17,7 @@ import optax
 import pytest
 
 from vdm.core import losses, oracles, schedules
-from vdm.core.variance_grad import variance_gradient
+from vdm.core.variance_grad import frozen_closure, variance_gradient
 
 MU = jnp.array([0.5, -1.0, 0.0, 2.0])
 VAR = jnp.array([0.01, 0.25, 1.0, 4.0])
@@ -43,6 +45,26 @@ def test_rewiring_on_a_toy_function():
     d0, d1 = jax.grad(pair)((h, 2 * h))
     np.testing.assert_allclose(d0, 2 * (2 * h**2) * 2 * h, rtol=1e-6)
     np.testing.assert_allclose(d1, 2 * (2 * h**2) * h, rtol=1e-6)
+
+
+def test_scale_gives_the_gradient_of_the_squared_loss_in_that_unit():
+    """Objective mean(L) / s: h gets grad mean((L / s)^2), a gets grad mean(L / s)."""
+    h, a, scale = jnp.array([0.5, -1.0, 2.0]), jnp.float32(1.5), 7.0
+
+    def objective(h, a):
+        return jnp.mean(variance_gradient(lambda h, a: a * h**2 + h, h, a, scale=scale)) / scale
+
+    dh, da = jax.grad(objective, argnums=(0, 1))(h, a)
+    want_dh = jax.grad(lambda h: jnp.mean(((a * h**2 + h) / scale) ** 2))(h)
+    np.testing.assert_allclose(dh, want_dh, rtol=1e-6)
+    np.testing.assert_allclose(da, jnp.mean(h**2) / scale, rtol=1e-6)
+
+
+def test_frozen_closure_differentiates_only_the_arguments():
+    c = jnp.float32(3.0)
+    grads = jax.grad(lambda x, c: frozen_closure(lambda y: c * y**2)(x), argnums=(0, 1))
+    dx, dc = grads(jnp.float32(2.0), c)
+    assert float(dx) == 12.0 and float(dc) == 0.0
 
 
 def linear_denoiser(den_params):
@@ -113,14 +135,17 @@ def test_variance_gradient_matches_split_reference(case, x64):
             schedule_grad=grad,
         )
 
+    unit = x.shape[1] * np.log(2.0)  # nats per example -> bits/dim, as in vdm.run.step
+
     @jax.jit
     def all_grads(params, den):
         out = {}
-        for timesteps in (0, 8):
+        # Continuous time only: the rule is refused with timesteps > 0.
+        for timesteps in (0,):
 
             def rewired(p, d, timesteps=timesteps):
                 values = terms(schedule, p, d, "variance", timesteps)
-                return values["train"].mean(), values
+                return values["train"].mean() / unit, values
 
             (_, v_var), (g_var, g_den) = jax.value_and_grad(rewired, (0, 1), has_aux=True)(
                 params, den
@@ -129,7 +154,8 @@ def test_variance_gradient_matches_split_reference(case, x64):
             # The reference: one forward pass of the split schedule, two backward passes.
             def moments(both, d, timesteps=timesteps):
                 values = terms(split(schedule), both, d, "elbo", timesteps)
-                return (values["train"].mean(), jnp.mean(values["diffusion"] ** 2)), values
+                bpd_sq = jnp.mean((values["diffusion"] / unit) ** 2)
+                return (values["train"].mean() / unit, bpd_sq), values
 
             both = {"end": params, "shape": params}
             _, vjp, v_elbo = jax.vjp(moments, both, den, has_aux=True)

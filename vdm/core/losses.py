@@ -8,13 +8,20 @@
 
 The denoiser is any callable (z_t, gamma_t, cond) -> prediction of kind eps/x/v/score, so an
 analytic denoiser plugs in exactly where a network does. The ELBO is always reported; the
-training loss may instead be DDPM's "simple" eps-MSE or a weighted diffusion loss.
+network's training loss may instead be DDPM's "simple" eps-MSE or a weighted diffusion loss.
+The schedule is trained by the ELBO whatever the network's loss: a weighted loss is not a
+bound, and minimising it over the schedule would move the endpoints to wherever that
+weighting is cheapest (the eps-MSE falls as noise rises, so "simple" pushes both up).
 
 With schedule_grad="variance" the schedule is trained as in the VDM paper: its endpoints get
-ELBO gradients, while its shape gets gradients of E[L_diffusion^2], which (the ELBO being
-invariant to the shape) minimises the variance of the diffusion-loss estimator.
+ELBO gradients, while its shape gets gradients of E[L_diffusion^2], which (the continuous-time
+ELBO being invariant to the shape) minimises the variance of the diffusion-loss estimator. The
+squared loss is measured in the unit the training loss is optimised in, bits/dim, so that a
+parameter reached both ways (learned_net's linear part) gets one consistently scaled sum.
+In discrete time the ELBO depends on the shape, so the rule is refused there.
 """
 
+import math
 from collections.abc import Callable
 
 import chex
@@ -23,7 +30,7 @@ import jax.numpy as jnp
 
 from vdm.core import decoder, diffusion
 from vdm.core.schedules import Schedule, endpoints, gamma_and_slope
-from vdm.core.variance_grad import variance_gradient
+from vdm.core.variance_grad import frozen_closure, variance_gradient
 from vdm.registry import Registry
 
 # Weightings w(gamma_t) of the diffusion loss for loss_type="weighted": fn(gamma, *, options).
@@ -70,6 +77,36 @@ def bits_per_dim(nats, num_dims: int):
     return nats / (num_dims * jnp.log(2.0))
 
 
+def check_objective(
+    loss_type: str = "elbo",
+    weighting: str = "none",
+    weighting_options=None,
+    timesteps: int = 0,
+    schedule_grad: str = "elbo",
+):
+    """Raises ValueError naming the problem if the objective's settings are inconsistent.
+
+    Called by loss_terms and when a model's Objective is built, so a bad combination fails
+    when a run is assembled rather than when the first step is traced.
+    """
+    if loss_type not in ("elbo", "simple", "weighted"):
+        raise ValueError(f"Unknown loss type {loss_type!r}; use elbo|simple|weighted.")
+    WEIGHTINGS.check(weighting, weighting_options or {})
+    if schedule_grad not in ("elbo", "variance"):
+        raise ValueError(f"Unknown schedule_grad {schedule_grad!r}; use elbo|variance.")
+    if int(timesteps) < 0:
+        raise ValueError(f"timesteps (loss.timesteps) must be >= 0, got {timesteps}.")
+    if schedule_grad == "variance" and timesteps:
+        # In discrete time E[L_T] depends on the schedule's interior, so replacing its
+        # gradient by the variance rule would drop a real ELBO gradient.
+        raise ValueError(
+            f"schedule_grad='variance' (schedule.grad) needs continuous time, timesteps=0 "
+            f"(loss.timesteps), got timesteps={timesteps}: with T steps the expected loss "
+            "depends on the schedule's shape, so the shape must keep its ELBO gradient; use "
+            "schedule_grad='elbo'."
+        )
+
+
 def loss_terms(
     denoise_fn: Callable,
     schedule: Schedule,
@@ -91,6 +128,13 @@ def loss_terms(
 ):
     """Monte-Carlo ELBO terms and the training loss for a batch.
 
+    Gradients of mean(train): the network gets those of the configured training loss; the
+    schedule gets those of the ELBO (with schedule_grad='variance': ELBO for its endpoints,
+    the variance rule for its shape) whatever the loss type, so a simple or weighted loss never
+    drags the learned schedule. The unit of the optimised objective is bits/dim: the caller
+    minimises bits_per_dim(mean(train), D) (vdm.run.step does), and the variance rule is
+    scaled for that unit, so the shape gets grad mean((L_diffusion in bits/dim)^2).
+
     Args:
       denoise_fn: (z_t, gamma_t [B], cond) -> prediction of kind `parameterization`.
       schedule, schedule_params: the noise schedule and its parameters.
@@ -100,11 +144,12 @@ def loss_terms(
       cond: conditioning passed to denoise_fn unchanged.
       parameterization: eps|x|v|score.
       timesteps: T for the discrete-time loss; 0 for continuous time.
-      antithetic: low-discrepancy times over the batch.
+      antithetic: low-discrepancy times over the batch (training only: evaluation wants
+        independent examples for its standard error).
       loss_type: elbo|simple|weighted: what `train` holds.
       weighting: a WEIGHTINGS name, for loss_type=weighted.
       weighting_options: that weighting's options (e.g. sigmoid's bias).
-      schedule_grad: elbo|variance (see module docstring).
+      schedule_grad: elbo|variance (see module docstring); variance needs timesteps=0.
       t: optional fixed times [B] or a scalar (overrides sampling; for evaluation and tests).
       time_weight: optional [B] importance weights 1 / q(t) of times t drawn from a proposal q
         (vdm.core.time_proposals); the diffusion term is multiplied by them, which keeps its
@@ -112,18 +157,14 @@ def loss_terms(
 
     Returns:
       Dict of [B] arrays: diffusion, prior, recon, total (nats), bpd, train (the per-example
-      training loss to average), gamma_t, t and time_weight (1 without a proposal).
+      training loss to average, in nats except simple's per-dimension eps-MSE), gamma_t, t
+      and time_weight (1 without a proposal).
     """
-    if loss_type not in ("elbo", "simple", "weighted"):
-        raise ValueError(f"Unknown loss type {loss_type!r}; use elbo|simple|weighted.")
-    WEIGHTINGS.check(weighting, weighting_options or {})
-    if schedule_grad not in ("elbo", "variance"):
-        raise ValueError(f"Unknown schedule_grad {schedule_grad!r}; use elbo|variance.")
-    if schedule_grad == "variance" and loss_type != "elbo":
-        raise ValueError("schedule_grad='variance' needs loss_type='elbo'.")
+    check_objective(loss_type, weighting, weighting_options, timesteps, schedule_grad)
     n = x.shape[0]
     k_t, k_eps, k_0 = jax.random.split(key, 3)
     x_enc = decoder.encode(x, vocab_size)
+    num_dims = x_enc.size // n
     g0, g1 = endpoints(schedule, schedule_params)
     if t is None:
         t = sample_times(k_t, n, antithetic)
@@ -134,21 +175,22 @@ def loss_terms(
         t = jnp.maximum(jnp.ceil(t * timesteps), 1.0) / timesteps
     eps = jax.random.normal(k_eps, x_enc.shape, x_enc.dtype)
 
-    def eps_error(gamma_t):
+    def eps_error(gamma_t, denoise):
         z_t = diffusion.q_sample(x_enc, gamma_t, eps)
-        pred = denoise_fn(z_t, gamma_t, cond)
+        pred = denoise(z_t, gamma_t, cond)
         # A prediction of the wrong shape would broadcast inside the squared error silently.
         chex.assert_equal_shape([pred, z_t])
         return _sum_sq(eps, diffusion.to_eps(pred, z_t, gamma_t, parameterization))
 
     w = jnp.ones((n,), x_enc.dtype) if time_weight is None else time_weight
 
-    def diffusion_loss(gamma_t, slope):
-        """slope: gamma'(t) (continuous) or gamma_s (discrete); both terms weighted by w."""
-        sq = w * eps_error(gamma_t)
+    def diffusion_loss(gamma_t, second, denoise):
+        """The ELBO's diffusion term and the squared error, both weighted by the importance
+        weight w; second: gamma'(t) or gamma_s."""
+        sq = w * eps_error(gamma_t, denoise)
         if timesteps:
-            return 0.5 * timesteps * jnp.expm1(gamma_t - slope) * sq, sq
-        return 0.5 * slope * sq, sq
+            return 0.5 * timesteps * jnp.expm1(gamma_t - second) * sq, sq
+        return 0.5 * second * sq, sq
 
     def gamma_at(tt):
         return schedule.gamma(schedule_params, tt)
@@ -158,47 +200,61 @@ def loss_terms(
     else:
         gamma_t, second = gamma_and_slope(schedule, schedule_params, t)
 
+    # Under a non-ELBO loss the network and the schedule are trained by different terms: the
+    # network's term sees the schedule through stop_gradient, and the ELBO's diffusion term
+    # sees the network through frozen_closure (its gradient reaches z_t and gamma_t, so the
+    # schedule, with the full chain rule through the prediction, but no network parameter).
+    # Both evaluate the same prediction, which XLA computes once.
+    split = loss_type != "elbo"
+    learned = bool(jax.tree.leaves(schedule_params))
+    schedule_denoise = frozen_closure(denoise_fn) if split else denoise_fn
+
     if schedule_grad == "variance":
         # The shape s(t) = (gamma(t) - g0) / (g1 - g0) carries the variance gradient; the
-        # endpoints enter outside it and get ordinary ELBO gradients.
+        # endpoints enter outside it and get ordinary ELBO gradients (continuous time only).
         def shape(tt):
             return (gamma_at(tt) - g0) / (g1 - g0)
 
-        if timesteps:
-            h = (shape(t), shape(t - 1.0 / timesteps))
-        else:
-            h = jax.jvp(shape, (t,), (jnp.ones_like(t),))
+        h = jax.jvp(shape, (t,), (jnp.ones_like(t),))
 
         def from_shape(h, g0, g1):
             a, b = h
-            gt = g0 + (g1 - g0) * a
-            return diffusion_loss(gt, g0 + (g1 - g0) * b if timesteps else (g1 - g0) * b)[0]
+            return diffusion_loss(g0 + (g1 - g0) * a, (g1 - g0) * b, schedule_denoise)[0]
 
-        l_diff = variance_gradient(from_shape, h, g0, g1)
-        train_diff = l_diff
+        l_diff = variance_gradient(from_shape, h, g0, g1, scale=num_dims * math.log(2.0))
+    elif split and not learned:
+        # Nothing for the ELBO term to train: the network's own term below gives the value.
+        l_diff = None
     else:
-        l_diff, sq = diffusion_loss(gamma_t, second)
-        if loss_type == "simple":
-            train_diff = sq / (x_enc.size // n)
-        elif loss_type == "weighted":
-            weight = WEIGHTINGS.build(weighting, weighting_options, gamma=gamma_t)
-            train_diff = weight * l_diff
-        else:
-            train_diff = l_diff
+        l_diff = diffusion_loss(gamma_t, second, schedule_denoise)[0]
 
     eps_0 = jax.random.normal(k_0, x_enc.shape, x_enc.dtype)
     z_0 = diffusion.q_sample(x_enc, jnp.broadcast_to(g0, (n,)), eps_0)
     l_recon = decoder.reconstruction_loss(x, z_0, g0, vocab_size)
     l_prior = prior_loss(x_enc, g1)
-    total = l_diff + l_prior + l_recon
-    train = train_diff if loss_type == "simple" else train_diff + l_prior + l_recon
+
+    if split:
+        g_net, second_net = jax.lax.stop_gradient(gamma_t), jax.lax.stop_gradient(second)
+        l_net, sq = diffusion_loss(g_net, second_net, denoise_fn)
+        l_diff = l_net if l_diff is None else l_diff
+        total = l_diff + l_prior + l_recon
+        if loss_type == "simple":
+            value = sq / num_dims
+        else:
+            weight = WEIGHTINGS.build(weighting, weighting_options, gamma=g_net)
+            value = weight * l_net + jax.lax.stop_gradient(l_prior + l_recon)
+        # Zero in value; carries the ELBO's gradient to the schedule alone.
+        train = value + (total - jax.lax.stop_gradient(total))
+    else:
+        total = l_diff + l_prior + l_recon
+        train = total
     chex.assert_shape([l_diff, l_prior, l_recon, train], (n,))
     return {
         "diffusion": l_diff,
         "prior": l_prior,
         "recon": l_recon,
         "total": total,
-        "bpd": bits_per_dim(total, x_enc.size // n),
+        "bpd": bits_per_dim(total, num_dims),
         "train": train,
         "gamma_t": gamma_t,
         "t": t,

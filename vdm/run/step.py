@@ -14,7 +14,7 @@ import numpy as np
 import optax
 
 from vdm import optim
-from vdm.core import time_proposals
+from vdm.core import losses, time_proposals
 from vdm.parallel import replicated
 from vdm.run.state import TrainState
 
@@ -62,8 +62,9 @@ def make_train_step(
         probs = model.time_probs(params, time_hist, time.proposal)
         terms = model.loss_terms(params, batch, key, train=True, time_probs=probs)
         # The training loss on the bits/dim scale (as the published code), so Adam's eps and
-        # clipping thresholds mean the same for every image size.
-        loss = jnp.mean(terms["train"]) / (model.num_dims * np.log(2.0))
+        # clipping thresholds mean the same for every image size. loss_terms scales the
+        # variance rule's gradient for exactly this unit (losses.bits_per_dim).
+        loss = losses.bits_per_dim(jnp.mean(terms["train"]), model.num_dims)
         if fail_at_step is not None:
             loss = loss * jnp.where(step + 1 == fail_at_step, jnp.nan, 1.0)
         # The per-t histogram takes the unweighted diffusion term f(t).

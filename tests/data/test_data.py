@@ -14,7 +14,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vdm.config_defaults import base_config
-from vdm.data import densities, memory
+from vdm.data import densities, memory, tfds_images
 from vdm.run.setup import build_dataset
 
 
@@ -164,6 +164,9 @@ def test_tfds_pipeline_on_mock_data():
     with tfds.testing.mock_data(num_examples=24):
         batch = next(train_batches(cfg, seed=0, start_step=0))
         ev = list(eval_batches(cfg, batch_size=5))
+        # Eval records name the version read (vdm/run/eval_records.py).
+        version = tfds_images.full_name("cifar10", "/nonexistent")
+    assert version.startswith("cifar10/3."), version
     assert batch["x"].shape == (8, 32, 32, 3) and batch["x"].dtype == np.uint8
     assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
     assert len(ev) == 5 and sum(b["mask"].sum() for b in ev) == 24  # 24 mock examples

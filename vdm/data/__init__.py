@@ -294,7 +294,10 @@ def _tfds_preset(name: str):
     def make(
         data_dir=None, prefetch: int = 2, shuffle_buffer: int = 50_000, num_bits: int = 0
     ) -> Dataset:
-        info = DatasetInfo(name, shape, values.EIGHT_BIT, num_classes)
+        # Static facts: the dataset is read (and its version known) only when first used.
+        facts = {"source": "tfds", "tfds_name": source.name, "train_split": source.train_split,
+                 "eval_split": source.eval_split, "data_dir": data_dir}  # fmt: skip
+        info = DatasetInfo(name, shape, values.EIGHT_BIT, num_classes, details=facts)
         dataset = _tfds_dataset(source, info, data_dir, prefetch, shuffle_buffer)
         return reduce_bits(dataset, num_bits)
 

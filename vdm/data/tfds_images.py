@@ -90,6 +90,15 @@ def _tf():
     return tf
 
 
+def full_name(name: str, data_dir) -> str:
+    """The TFDS name with config and version (e.g. 'cifar10/3.0.2') that the pipeline reads,
+    for records that must say which version a figure is on; the bare name if TFDS knows none."""
+    try:
+        return _builder(name, data_dir).info.full_name
+    except DatasetNotPreparedError:
+        return name
+
+
 def _builder(name: str, data_dir):
     import tensorflow_datasets as tfds
 

@@ -20,6 +20,7 @@ import jax
 from etils import epath
 
 from vdm import data
+from vdm.data import tfds_images
 
 # What each conditioning of a class-conditional model estimates.
 LIKELIHOODS = {
@@ -146,10 +147,16 @@ def run_facts(run) -> dict:
     """The settings and data every record of a run states."""
     split = run.config.eval.split
     details = run.info.details
+    dataset = data.info_record(run.info)
+    if details.get("source") == "tfds":
+        # Which version a number is on matters (e.g. the two downsampled ImageNets).
+        dataset["tfds_name"] = tfds_images.full_name(
+            details["tfds_name"], details.get("data_dir", run.config.data.data_dir)
+        )
     return {
         "use_ema": bool(run.config.eval.use_ema),
         "num_draws": int(run.config.eval.num_draws),
         "split": split,
         "split_name": details.get("train_split" if split == "train" else "eval_split", split),
-        "dataset": data.info_record(run.info),
+        "dataset": dataset,
     }

@@ -95,8 +95,8 @@ def estimate(
 
     Batch i uses fold_in(EVAL key, i) whatever was done before, so a pass resumed from
     `partial` gives the figures of an uninterrupted one. Rows stay on the devices (no host
-    sync) unless `partial` or `progress` asks for saves and lines every
-    config.eval.report_every seconds.
+    sync) unless `partial` or `progress` asks for progress lines and saves of the finished
+    batches (after the first batch, then every config.eval.report_every seconds).
 
     Args:
       run: the Run.
@@ -131,10 +131,13 @@ def estimate(
         row = split_stats.batch_row(
             lambda bb, k: fn(params, bb, k, time_hist), b, jax.random.fold_in(key, i), draws
         )
-        pending.append(row)
-        if meter is not None and meter.due():
-            rows += split_stats.fetch_rows(pending)
-            pending = []
+        if meter is None:
+            pending.append(row)  # fetched together after the last batch: no host syncs
+            continue
+        # Progress and partial results need each batch's figures as it finishes (this also
+        # keeps the time between a kill and the last save to one batch).
+        rows += split_stats.fetch_rows([row])
+        if meter.due() or i == done:
             if partial:
                 partial.save(rows)
             meter.report(int(sum(r["count"] for r in rows)))

@@ -1,11 +1,10 @@
-"""`python -m vdm.collect`: the table of a workdir's eval records beside the published numbers."""
+"""The table of `python -m vdm.collect` of a workdir's eval records beside the published numbers."""
 
 import json
 
 import pytest
 
-from vdm import collect
-from vdm.run import eval_records
+from vdm.run import eval_records, eval_table
 from vdm.run.eval_records import Job
 
 FACTS = {
@@ -29,7 +28,7 @@ def test_table_lists_every_record_next_to_the_published_numbers(tmp_path):
     _write(tmp_path, Job("ode", {"dequantization": "uniform"}), 10, 2.70,
            num_steps_mean=120.0, num_steps_max=150.0)  # fmt: skip
     _write(tmp_path, Job("elbo", {}, condition="null"), 10, 2.66)
-    text = collect.table(collect.read_records([tmp_path]), "configs/cifar10.py")
+    text = eval_table.table(eval_table.read_records([tmp_path]), "configs/cifar10.py")
     assert text.startswith("Published (configs/cifar10.py): 2.65, 2.637 bits/dim.")
     rows = [ln for ln in text.splitlines() if ln.startswith(f"| {tmp_path}")]
     assert len(rows) == 2
@@ -41,4 +40,4 @@ def test_table_lists_every_record_next_to_the_published_numbers(tmp_path):
 
 def test_a_workdir_without_records_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="run --mode=eval"):
-        collect.read_records([tmp_path])
+        eval_table.read_records([tmp_path])

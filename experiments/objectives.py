@@ -22,6 +22,7 @@ seed-to-seed spread, so it understates the uncertainty of a conclusion about the
 """
 
 import datetime
+import json
 import os
 import shutil
 
@@ -59,6 +60,12 @@ flags.DEFINE_list("variants", list(VARIANTS), f"Variants to train, of {', '.join
 flags.DEFINE_integer("num_draws", 4, "eval.num_draws: (t, eps) draws per test example.")
 flags.DEFINE_string("workdir", "/tmp/objectives", "Parent of the run directories.")
 flags.DEFINE_string("out", os.path.join(HERE, "results", "objectives"), "Output path stem.")
+flags.DEFINE_bool(
+    "reuse",
+    False,
+    "Keep the runs of an earlier --out .json measured with the same config, "
+    "steps, num_draws and variant overrides; train only the missing (variant, seed) runs.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -93,14 +100,26 @@ def measure(
     steps: int,
     num_draws: int,
     root: str,
+    done: dict | None = None,
 ) -> dict:
     """Trains every (variant, seed) run under `root` and gathers their final eval figures.
 
     Each run gets a fresh directory root/<variant>/seed<seed> (an earlier one there is removed,
     so no run resumes from an old checkpoint).
 
+    Args:
+      base: the config the variants override.
+      variants: names from VARIANTS.
+      seeds: config.seed of each run.
+      steps: training steps per run.
+      num_draws: eval.num_draws of the final evaluation.
+      root: parent of the run directories.
+      done: {variant: {seed: result}} of runs measured earlier in the same setting; those are
+        kept, not trained again.
+
     Returns:
       {'runs': {variant: {seed: train_final_eval's dict + 'per_example_var'}},
+       'reused': ['<variant>/<seed>' taken from `done`],
        'summary': objectives_report.summarize's dict}.
 
     Raises:
@@ -109,8 +128,13 @@ def measure(
     if not variants or not seeds:
         raise ValueError("Give at least one variant (--variants) and one seed (--seeds).")
     configs = {(v, s): run_config(base, v, s, steps, num_draws) for v in variants for s in seeds}
-    runs = {v: {} for v in variants}
+    runs, reused = {v: {} for v in variants}, []
     for (variant, seed), config in configs.items():
+        if str(seed) in (done or {}).get(variant, {}):
+            runs[variant][str(seed)] = done[variant][str(seed)]
+            reused.append(f"{variant}/{seed}")
+            print(f"{variant} seed {seed}: kept from the earlier record", flush=True)
+            continue
         workdir = os.path.join(root, variant, f"seed{seed}")
         shutil.rmtree(workdir, ignore_errors=True)
         result = train_final_eval(config, workdir)
@@ -121,27 +145,57 @@ def measure(
             f"{result['wall_s']:.0f} s",
             flush=True,
         )
-    return {"runs": runs, "summary": objectives_report.summarize(runs)}
+    return {"runs": runs, "reused": reused, "summary": objectives_report.summarize(runs)}
+
+
+def earlier_runs(path: str, setting: dict) -> dict:
+    """The runs of the record at `path` if it was measured in `setting`, else {}.
+
+    Args:
+      path: an earlier --out .json (need not exist).
+      setting: {'config', 'steps', 'num_draws', 'variants'} of this measurement; a variant's
+        runs are kept only where its overrides are unchanged.
+    """
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    if any(old.get(k) != setting[k] for k in ("config", "steps", "num_draws")):
+        print(f"--reuse: {path} was measured in another setting; training everything.")
+        return {}
+    return {
+        v: runs
+        for v, runs in old["runs"].items()
+        if v in setting["variants"] and old["variants"].get(v) == setting["variants"][v]
+    }
 
 
 def main(argv):
     del argv
     logs.quiet_library_logs()
     seeds = [int(s) for s in FLAGS.seeds]
+    unknown = [v for v in FLAGS.variants if v not in VARIANTS]
+    if unknown:
+        raise app.UsageError(f"Unknown --variants {unknown}; known: {', '.join(VARIANTS)}.")
+    setting = {
+        "config": os.path.relpath(config_flags.get_config_filename(FLAGS["config"]), REPO),
+        "steps": FLAGS.steps,
+        "num_draws": FLAGS.num_draws,
+        "variants": {v: VARIANTS[v] for v in FLAGS.variants},
+    }
+    done = earlier_runs(FLAGS.out + ".json", setting) if FLAGS.reuse else {}
     measured = measure(FLAGS.config, FLAGS.variants, seeds, FLAGS.steps, FLAGS.num_draws,
-                       FLAGS.workdir)  # fmt: skip
+                       FLAGS.workdir, done)  # fmt: skip
     record = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": machine(),
         "jax": jax.__version__,
-        "config": os.path.relpath(config_flags.get_config_filename(FLAGS["config"]), REPO),
-        "steps": FLAGS.steps,
+        **setting,
         "seeds": seeds,
-        "num_draws": FLAGS.num_draws,
-        "variants": {v: VARIANTS[v] for v in FLAGS.variants},
         "command": "python -m experiments.objectives "
         f"--steps={FLAGS.steps} --seeds={','.join(FLAGS.seeds)} "
-        f"--variants={','.join(FLAGS.variants)} --num_draws={FLAGS.num_draws}",
+        f"--variants={','.join(FLAGS.variants)} --num_draws={FLAGS.num_draws}"
+        + (" --reuse" if FLAGS.reuse else ""),
         **measured,
     }
     table = objectives_report.markdown(record)

@@ -93,6 +93,12 @@ def markdown(record: dict) -> str:
         f"Command: `{record['command']}`",
         "",
     ]
+    if record.get("reused"):
+        lines += [
+            f"Runs {', '.join(record['reused'])} were kept from an earlier invocation in the same "
+            "setting (--reuse); their wall times are of that invocation's machine load.",
+            "",
+        ]
     if len(seeds) < 2:
         lines += [
             "One seed: the differences' s.e. is eval noise only (no seed-to-seed spread), so a "

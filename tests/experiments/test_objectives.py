@@ -3,6 +3,8 @@ input is refused, the statistics, and the measurement path end to end on a tiny 
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import train_helpers as th
@@ -52,6 +54,25 @@ def test_summary_pairs_by_seed():
     assert alone["v"]["diff_mean"] is None
 
 
+def test_reuse_keeps_runs_of_the_same_setting_only(tmp_path):
+    setting = {"config": "configs/digits.py", "steps": 5, "num_draws": 2,
+               "variants": {"vdm": {}, "v_pred": {"model.parameterization": "v"}}}  # fmt: skip
+    path = tmp_path / "objectives.json"
+    assert objectives.earlier_runs(str(path), setting) == {}  # no earlier record
+    old = dict(setting, variants={"vdm": {}, "v_pred": {"model.parameterization": "x"}},
+               runs={"vdm": {"1": {"bpd": 3.0}}, "v_pred": {"1": {"bpd": 2.0}}})  # fmt: skip
+    path.write_text(json.dumps(old))
+    assert objectives.earlier_runs(str(path), setting) == {"vdm": {"1": {"bpd": 3.0}}}
+    path.write_text(json.dumps(dict(old, steps=6)))
+    assert objectives.earlier_runs(str(path), setting) == {}
+    # A kept run is not trained again (no config is built from the fake record's figures).
+    kept = {"bpd": 3.0, "bpd_stderr": 0.1, "per_example_var": 1.0, "wall_s": 1.0}
+    root, done = str(tmp_path / "runs"), {"vdm": {"1": kept}}
+    measured = objectives.measure(tiny_base(), ["vdm"], [1], 3, 1, root, done)
+    assert measured["runs"]["vdm"]["1"] is kept and measured["reused"] == ["vdm/1"]
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.slow
 def test_measure_writes_json_and_table(tmp_path):
     variants = ["vdm", "v_pred"]
@@ -77,3 +98,21 @@ def test_measure_writes_json_and_table(tmp_path):
         assert f" {header} |" in md
     assert "| v_pred | `model.parameterization=v` | 1 |" in md
     assert "One seed" in md
+
+
+@pytest.mark.slow
+def test_command_line_writes_record_and_reuses_it(tmp_path):
+    stem = tmp_path / "out" / "objectives"
+    base = [sys.executable, "-m", "experiments.objectives", "--steps=2", "--num_draws=1",
+            f"--workdir={tmp_path / 'runs'}", f"--out={stem}", *th.overrides()]  # fmt: skip
+    bad = subprocess.run(base + ["--variants=vdm,nope"], cwd=th.REPO, env=th.env_for(),
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode != 0 and "Unknown --variants ['nope']" in bad.stderr
+    for extra in (["--variants=vdm"], ["--variants=vdm,base_measure", "--reuse"]):
+        done = subprocess.run(base + extra, cwd=th.REPO, env=th.env_for(), capture_output=True,
+                              text=True)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(stem.with_suffix(".json").read_text())
+    assert record["reused"] == ["vdm/1"] and set(record["runs"]) == {"vdm", "base_measure"}
+    assert record["command"].endswith("--reuse")
+    assert "kept from an earlier invocation" in stem.with_suffix(".md").read_text()

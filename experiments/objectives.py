@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import shutil
+from collections.abc import Callable
 
 import jax
 import ml_collections
@@ -101,6 +102,7 @@ def measure(
     num_draws: int,
     root: str,
     done: dict | None = None,
+    after_each: Callable[[dict], None] | None = None,
 ) -> dict:
     """Trains every (variant, seed) run under `root` and gathers their final eval figures.
 
@@ -116,6 +118,8 @@ def measure(
       root: parent of the run directories.
       done: {variant: {seed: result}} of runs measured earlier in the same setting; those are
         kept, not trained again.
+      after_each: called after every trained run with the figures so far (the dict this
+        returns, of the runs done), so that an interrupted measurement leaves its record.
 
     Returns:
       {'runs': {variant: {seed: train_final_eval's dict + 'per_example_var'}},
@@ -140,12 +144,20 @@ def measure(
         result = train_final_eval(config, workdir)
         result["per_example_var"] = result["bpd_stderr"] ** 2 * result["num_examples"]
         runs[variant][str(seed)] = result
+        if after_each:
+            after_each(_measured(runs, reused))
         print(
             f"{variant} seed {seed}: {result['bpd']:.4f} +- {result['bpd_stderr']:.4f} bits/dim, "
             f"{result['wall_s']:.0f} s",
             flush=True,
         )
-    return {"runs": runs, "reused": reused, "summary": objectives_report.summarize(runs)}
+    return _measured(runs, reused)
+
+
+def _measured(runs: dict, reused: list[str]) -> dict:
+    """measure's result from the runs so far (variants without a run yet left out)."""
+    runs = {v: dict(by_seed) for v, by_seed in runs.items() if by_seed}
+    return {"runs": runs, "reused": list(reused), "summary": objectives_report.summarize(runs)}
 
 
 def earlier_runs(path: str, setting: dict) -> dict:
@@ -184,20 +196,30 @@ def main(argv):
         "variants": {v: VARIANTS[v] for v in FLAGS.variants},
     }
     done = earlier_runs(FLAGS.out + ".json", setting) if FLAGS.reuse else {}
+    total = len(FLAGS.variants) * len(seeds)
+
+    def record_of(measured: dict) -> dict:
+        return {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": machine(),
+            "jax": jax.__version__,
+            **setting,
+            "seeds": seeds,
+            "command": "python -m experiments.objectives "
+            f"--steps={FLAGS.steps} --seeds={','.join(FLAGS.seeds)} "
+            f"--variants={','.join(FLAGS.variants)} --num_draws={FLAGS.num_draws}"
+            + (" --reuse" if FLAGS.reuse else ""),
+            "complete": sum(len(r) for r in measured["runs"].values()) == total,
+            **measured,
+        }
+
+    def save(measured: dict) -> None:  # the record so far, rewritten after every run
+        record = record_of(measured)
+        objectives_report.write(record, objectives_report.markdown(record), FLAGS.out)
+
     measured = measure(FLAGS.config, FLAGS.variants, seeds, FLAGS.steps, FLAGS.num_draws,
-                       FLAGS.workdir, done)  # fmt: skip
-    record = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": machine(),
-        "jax": jax.__version__,
-        **setting,
-        "seeds": seeds,
-        "command": "python -m experiments.objectives "
-        f"--steps={FLAGS.steps} --seeds={','.join(FLAGS.seeds)} "
-        f"--variants={','.join(FLAGS.variants)} --num_draws={FLAGS.num_draws}"
-        + (" --reuse" if FLAGS.reuse else ""),
-        **measured,
-    }
+                       FLAGS.workdir, done, save)  # fmt: skip
+    record = record_of(measured)
     table = objectives_report.markdown(record)
     print(table)
     objectives_report.write(record, table, FLAGS.out)

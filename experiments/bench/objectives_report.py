@@ -50,6 +50,8 @@ def summarize(runs: dict) -> dict:
     out = {}
     base = runs.get(BASELINE, {})
     for variant, by_seed in runs.items():
+        if not by_seed:
+            continue  # no run of this variant yet
         bpd = [r["bpd"] for r in by_seed.values()]
         mean, se = _mean_se(bpd)
         row = {
@@ -93,6 +95,12 @@ def markdown(record: dict) -> str:
         f"Command: `{record['command']}`",
         "",
     ]
+    if not record.get("complete", True):
+        lines += [
+            "**Incomplete record**: the invocation was still running or was stopped; the tables "
+            "hold the runs finished so far.",
+            "",
+        ]
     if record.get("reused"):
         lines += [
             f"Runs {', '.join(record['reused'])} were kept from an earlier invocation in the same "

@@ -50,8 +50,8 @@ def test_summary_pairs_by_seed():
     one = objectives_report.summarize({"vdm": {"1": run(3.0, 0.03)}, "v": {"1": run(2.9, 0.04)}})
     assert one["v"]["bpd_se"] is None
     assert one["v"]["diff_se"] == pytest.approx(0.05) and one["v"]["diff_se_kind"] == "eval only"
-    alone = objectives_report.summarize({"v": {"1": run(2.9)}})
-    assert alone["v"]["diff_mean"] is None
+    alone = objectives_report.summarize({"v": {"1": run(2.9)}, "w": {}})
+    assert alone["v"]["diff_mean"] is None and "w" not in alone  # no run of w yet
 
 
 def test_reuse_keeps_runs_of_the_same_setting_only(tmp_path):
@@ -97,7 +97,12 @@ def test_measure_writes_json_and_table(tmp_path):
     for header, _, _ in objectives_report.SUMMARY_COLUMNS:
         assert f" {header} |" in md
     assert "| v_pred | `model.parameterization=v` | 1 |" in md
-    assert "One seed" in md
+    assert "One seed" in md and "Incomplete" not in md
+    saved = []
+    objectives.measure(tiny_base(), ["vdm"], [1, 2], 2, 1, str(tmp_path / "r2"), None, saved.append)
+    assert [sorted(m["runs"]["vdm"]) for m in saved] == [["1"], ["1", "2"]]  # after each run
+    partial = dict(record, complete=False)
+    assert "Incomplete record" in objectives_report.markdown(partial)
 
 
 @pytest.mark.slow
@@ -114,5 +119,5 @@ def test_command_line_writes_record_and_reuses_it(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads(stem.with_suffix(".json").read_text())
     assert record["reused"] == ["vdm/1"] and set(record["runs"]) == {"vdm", "base_measure"}
-    assert record["command"].endswith("--reuse")
+    assert record["command"].endswith("--reuse") and record["complete"]
     assert "kept from an earlier invocation" in stem.with_suffix(".md").read_text()

@@ -109,9 +109,12 @@ def markdown(record: dict) -> str:
         ]
     if len(seeds) < 2:
         lines += [
-            "One seed: the differences' s.e. is eval noise only (no seed-to-seed spread), so a "
-            "difference below about 2 s.e. is no conclusion, and even a larger one may not "
-            "survive other seeds.",
+            "One seed: the differences' s.e. is the two eval s.e.s combined, with no "
+            "seed-to-seed spread in it, so a difference below about 2 s.e. is no conclusion and "
+            "even a larger one may not survive other seeds. (That eval s.e. is also "
+            "conservative for a comparison: it is mostly the spread over test examples, and "
+            "every variant is evaluated on the same examples with the same draws, so much of it "
+            "is shared; the per-example values needed for a paired s.e. are not recorded.)",
             "",
         ]
     lines += ["| variant | overrides |" + "".join(f" {h} |" for h, _, _ in SUMMARY_COLUMNS)]
@@ -123,8 +126,9 @@ def markdown(record: dict) -> str:
     lines += [
         "",
         "per-example var: s.e.^2 x examples, the variance over test examples of their "
-        "draw-averaged ELBO (data spread included). wall: training with its compilation and "
-        "final eval.",
+        "draw-averaged ELBO: the spread between examples plus the estimator's own (t, eps) "
+        "variance divided by the draws, not the estimator's variance alone. wall: training "
+        "with its compilation and final eval.",
         "",
         "| " + " | ".join(RUN_COLUMNS) + " |",
         "|---|" + "---:|" * (len(RUN_COLUMNS) - 1),

@@ -44,8 +44,8 @@ def summarize(runs: dict) -> dict:
       {variant: {'n', 'bpd_mean', 'bpd_se', 'var_mean', 'wall_mean', 'diff_mean', 'diff_se',
       'diff_se_kind'}}. The difference to the baseline is paired over the seeds both have; its
       s.e. is the spread of the paired differences over seeds ('seeds') with two or more, else
-      the two runs' eval s.e.s combined ('eval only'). Without a baseline run the diff fields
-      are None.
+      the two runs' eval s.e.s combined ('eval only'). The diff fields are None for the baseline
+      itself and without a baseline run.
     """
     out = {}
     base = runs.get(BASELINE, {})
@@ -64,7 +64,7 @@ def summarize(runs: dict) -> dict:
             "diff_se": None,
             "diff_se_kind": None,
         }
-        shared = [s for s in by_seed if s in base]
+        shared = [s for s in by_seed if s in base] if variant != BASELINE else []
         if shared:
             diffs = [by_seed[s]["bpd"] - base[s]["bpd"] for s in shared]
             row["diff_mean"], row["diff_se"] = _mean_se(diffs)

@@ -133,11 +133,13 @@ def measure(
         raise ValueError("Give at least one variant (--variants) and one seed (--seeds).")
     configs = {(v, s): run_config(base, v, s, steps, num_draws) for v in variants for s in seeds}
     runs, reused = {v: {} for v in variants}, []
-    for (variant, seed), config in configs.items():
+    for variant, seed in configs:  # kept runs first, so that every saved record holds them
         if str(seed) in (done or {}).get(variant, {}):
             runs[variant][str(seed)] = done[variant][str(seed)]
             reused.append(f"{variant}/{seed}")
             print(f"{variant} seed {seed}: kept from the earlier record", flush=True)
+    for (variant, seed), config in configs.items():
+        if f"{variant}/{seed}" in reused:
             continue
         workdir = os.path.join(root, variant, f"seed{seed}")
         shutil.rmtree(workdir, ignore_errors=True)

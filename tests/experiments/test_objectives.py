@@ -101,6 +101,10 @@ def test_measure_writes_json_and_table(tmp_path):
     saved = []
     objectives.measure(tiny_base(), ["vdm"], [1, 2], 2, 1, str(tmp_path / "r2"), None, saved.append)
     assert [sorted(m["runs"]["vdm"]) for m in saved] == [["1"], ["1", "2"]]  # after each run
+    saved, kept = [], {"bpd": 3.0, "bpd_stderr": 0.1, "per_example_var": 1.0, "wall_s": 1.0}
+    objectives.measure(tiny_base(), ["vdm", "v_pred"], [1], 2, 1, str(tmp_path / "r3"),
+                       {"v_pred": {"1": kept}}, saved.append)  # fmt: skip
+    assert saved[0]["runs"]["v_pred"]["1"] is kept  # a kept run is in the first saved record
     partial = dict(record, complete=False)
     assert "Incomplete record" in objectives_report.markdown(partial)
 

@@ -207,6 +207,7 @@ def main(argv):
             "jax": jax.__version__,
             **setting,
             "seeds": seeds,
+            "ema_rate": FLAGS.config.optim.ema_rate,
             "command": "python -m experiments.objectives "
             f"--steps={FLAGS.steps} --seeds={','.join(FLAGS.seeds)} "
             f"--variants={','.join(FLAGS.variants)} --num_draws={FLAGS.num_draws}"

@@ -107,6 +107,20 @@ def markdown(record: dict) -> str:
             "setting (--reuse); their wall times are of that invocation's machine load.",
             "",
         ]
+    if 2 <= len(seeds) < 5:
+        lines += [
+            f"{len(seeds)} seeds: each s.e. across seeds rests on {len(seeds) - 1} degree(s) of "
+            "freedom, so it is itself very uncertain (a 95% interval is several s.e. wide).",
+            "",
+        ]
+    if record.get("ema_rate") is not None:
+        lines += [
+            f"EMA parameters after {record['steps']} steps at optim.ema_rate="
+            f"{record['ema_rate']}: they still carry part of the initialisation (see "
+            "experiments/results/base_measure.md), which favours output forms that start "
+            "closer to right; these are short-run figures, not converged ones.",
+            "",
+        ]
     if len(seeds) < 2:
         lines += [
             "One seed: the differences' s.e. is the two eval s.e.s combined, with no "

@@ -19,8 +19,6 @@ experiments/results/base_measure.json (every figure with the environment) and ba
 import datetime
 import json
 import os
-import platform
-import subprocess
 import tempfile
 import time
 
@@ -28,6 +26,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from experiments.bench.runs import machine
 from vdm import runtime
 from vdm.run import logs
 from vdm.run.evaluate import evaluate
@@ -46,16 +45,6 @@ flags.DEFINE_list("seeds", ["1"], "Seeds; each is trained with and without the b
 flags.DEFINE_string("workdir", None, "Parent of the run directories (default: a temp dir).")
 flags.DEFINE_string("out", os.path.join(HERE, "results", "base_measure"), "Output path stem.")
 FLAGS = flags.FLAGS
-
-
-def machine() -> str:
-    """The CPU model name as lscpu reports it, and the core count."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        name = next(ln.split(":", 1)[1].strip() for ln in text.splitlines() if "Model name" in ln)
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def train_one(seed: int, base_measure: bool, workdir: str) -> dict:

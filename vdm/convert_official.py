@@ -188,12 +188,17 @@ def convert(ckpt, workdir, config: ml_collections.ConfigDict) -> Converted:
     return Converted(step, str(file), arch, changed, (float(g0), float(g1)), run)
 
 
-config_flags.DEFINE_config_file(
-    "config", str(DEFAULT_CONFIG), "Config of the converted run[:variant].", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Run directory to write (checkpoints/, config.json).")
-flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when it runs: importing this module (tests, other
+    tools with a --config flag of their own) must not claim the flag names."""
+    config_flags.DEFINE_config_file(
+        "config", str(DEFAULT_CONFIG), "Config of the converted run[:variant].", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "Run directory to write (checkpoints/, config.json).")
+    flags.mark_flags_as_required(["workdir"])
 
 
 def eval_command(config_arg: str, workdir: str, overrides: list[str]) -> str:
@@ -223,4 +228,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

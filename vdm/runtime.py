@@ -22,8 +22,9 @@ Opt out with VDM_XLA_CPU_FLAGS=0 and VDM_ALLOCATOR=system.
 3. TensorFlow (imported for the TFDS pipelines and the metric writers) prints INFO lines from
    C++ at start-up (CPU-feature and oneDNN notices, absl's "log messages before
    absl::InitializeLog()" banner) before the run's first line. `quiet_tensorflow` sets
-   TF_CPP_MIN_LOG_LEVEL=1 (warnings and errors still show) unless the user has set it; it
-   also applies to XLA's INFO lines. It must run before TensorFlow is imported: `setup` and
+   TF_CPP_MIN_LOG_LEVEL=1 (warnings and errors still show) and TF_ENABLE_ONEDNN_OPTS=0 (the
+   oneDNN notice ignores the log level) unless the user has set them; the first also applies
+   to XLA's INFO lines. It must run before TensorFlow is imported: `setup` and
    `configure_xla` (which `import vdm` runs) call it.
 """
 
@@ -140,7 +141,11 @@ def loaded_allocator() -> str:
 
 
 # Environment variables that silence TensorFlow's start-up INFO lines; a user's value wins.
-QUIET_TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "1"}
+# TF_ENABLE_ONEDNN_OPTS=0: on CPUs where TensorFlow turns oneDNN on it logs that at start-up
+# whatever TF_CPP_MIN_LOG_LEVEL says (TF 2.21, seen on an AMD EPYC); TensorFlow only feeds the
+# data pipeline here, whose outputs are rounded to integers, and oneDNN off also keeps its
+# float rounding the same on every CPU.
+QUIET_TF_ENV = {"TF_CPP_MIN_LOG_LEVEL": "1", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
 
 def quiet_tensorflow(env=None) -> None:

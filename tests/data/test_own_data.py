@@ -424,7 +424,7 @@ def test_registry_parts_with_an_argument():
 def test_quiet_tensorflow_respects_the_users_setting():
     env = {}
     runtime.quiet_tensorflow(env)
-    assert env == {"TF_CPP_MIN_LOG_LEVEL": "1"}
-    env = {"TF_CPP_MIN_LOG_LEVEL": "0"}
+    assert env == {"TF_CPP_MIN_LOG_LEVEL": "1", "TF_ENABLE_ONEDNN_OPTS": "0"}
+    env = {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": "1"}
     runtime.quiet_tensorflow(env)
-    assert env == {"TF_CPP_MIN_LOG_LEVEL": "0"}
+    assert env == {"TF_CPP_MIN_LOG_LEVEL": "0", "TF_ENABLE_ONEDNN_OPTS": "1"}

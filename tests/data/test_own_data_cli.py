@@ -53,6 +53,7 @@ def kill_and_resume(tmp_path, steps=40, run_flags=(), **extra):
     th.run_main(reference, *all_flags)
     env = th.env_for()
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)
     log = tmp_path / "killed.log"
     proc = th.spawn_main(run, *all_flags, env=env, log=log)
     th.wait_for(lambda: th.checkpoint_steps(run), timeout=300, proc=proc, interval=0.01)

@@ -134,6 +134,32 @@ def spawn_main(
     )
 
 
+def run_processes(workdir, *flags, logs_dir, mode: str = "train", num: int = 2):
+    """Runs vdm.main as `num` localhost processes joined by jax.distributed; returns
+    (exit codes, the tail of each process's log joined)."""
+    port = free_port()
+    procs = [
+        spawn_main(
+            workdir,
+            *flags,
+            f"--coordinator_address=127.0.0.1:{port}",
+            f"--num_processes={num}",
+            f"--process_id={i}",
+            mode=mode,
+            log=logs_dir / f"proc{i}.log",
+        )  # fmt: skip
+        for i in range(num)
+    ]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = "\n".join((logs_dir / f"proc{i}.log").read_text()[-3000:] for i in range(num))
+    return codes, logs
+
+
 def read_metrics(workdir) -> list[dict]:
     """The records of workdir/metrics.jsonl."""
     path = Path(workdir) / "metrics.jsonl"

@@ -66,27 +66,7 @@ def test_devices_and_processes_give_the_same_figures(trained, tmp_path):
 
     workdir = tmp_path / "two_processes"
     shutil.copytree(trained, workdir)
-    port = th.free_port()
-    procs = [
-        th.spawn_main(
-            workdir,
-            *th.overrides(),
-            *EVAL,
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            mode="eval",
-            log=tmp_path / f"proc{i}.log",
-        )
-        for i in range(2)
-    ]
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    logs = "\n".join((tmp_path / f"proc{i}.log").read_text()[-3000:] for i in range(2))
+    codes, logs = th.run_processes(workdir, *th.overrides(), *EVAL, mode="eval", logs_dir=tmp_path)
     assert codes == [0, 0], logs
     _assert_same_figures(_records(workdir), one)
 

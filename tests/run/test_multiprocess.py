@@ -39,25 +39,7 @@ def test_four_devices_match_one(tmp_path, single_device):
 
 
 def test_two_processes_match_one(tmp_path, single_device):
-    port = th.free_port()
-    procs = [
-        th.spawn_main(
-            tmp_path,
-            *th.overrides(**RUN),
-            f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
-            f"--process_id={i}",
-            log=tmp_path / f"proc{i}.log",
-        )
-        for i in range(2)
-    ]
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    logs = "\n".join((tmp_path / f"proc{i}.log").read_text()[-3000:] for i in range(2))
+    codes, logs = th.run_processes(tmp_path, *th.overrides(**RUN), logs_dir=tmp_path)
     assert codes == [0, 0], logs
     assert "Starting at step 0 on 2 devices / 2 processes" in logs
     _assert_same_run(tmp_path, single_device)

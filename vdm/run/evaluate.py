@@ -134,8 +134,8 @@ def estimate(
         if meter is None:
             pending.append(row)  # fetched together after the last batch: no host syncs
             continue
-        # Progress and partial results need each batch's figures as it finishes (this also
-        # keeps the time between a kill and the last save to one batch).
+        # Progress lines and partial saves need each batch's figures as it finishes; a kill
+        # loses at most the batches finished since the last save (report_every seconds).
         rows += split_stats.fetch_rows([row])
         if meter.due() or i == done:
             if partial:

@@ -41,3 +41,12 @@ def test_table_lists_every_record_next_to_the_published_numbers(tmp_path):
 def test_a_workdir_without_records_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="run --mode=eval"):
         eval_table.read_records([tmp_path])
+
+
+def test_record_names_keep_settings_that_change_the_figure_apart():
+    assert Job("elbo", {}).tag(5) == "5-elbo-decoder"
+    assert (
+        Job("elbo", {"proposal": "adaptive"}, "null").tag(5) == "5-elbo-decoder-adaptive_t-uncond"
+    )
+    assert Job("ode", {"dequantization": "uniform", "num_samples": 4}).tag(5) == "5-ode-uniform-k4"
+    assert Job("ode", {"dequantization": "none"}, discrete=False).tag(5) == "5-ode-none"

@@ -62,8 +62,15 @@ class Job:
         return "eval/" + ("uncond_" if self.condition == "null" else "") + name
 
     def tag(self, step: int) -> str:
-        """The record's file stem, e.g. '2000-ode-uniform' or '2000-elbo-decoder-uncond'."""
-        return f"{step}-{self.estimator}-{self.dequantization}{_SUFFIX[self.condition]}"
+        """The record's file stem, e.g. '2000-ode-uniform', '2000-elbo-decoder-uncond';
+        settings that change what the figure is get their own records: importance-sampled
+        times ('-adaptive_t') and K > 1 importance-weighted ODE draws ('-k4')."""
+        extra = ""
+        if self.options.get("proposal", "uniform") != "uniform":
+            extra += f"-{self.options['proposal']}_t"
+        if int(self.options.get("num_samples", 1)) > 1:
+            extra += f"-k{int(self.options['num_samples'])}"
+        return f"{step}-{self.estimator}-{self.dequantization}{extra}{_SUFFIX[self.condition]}"
 
 
 def elbo_accounting(vocab_size: int | None) -> str:

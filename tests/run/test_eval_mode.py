@@ -117,13 +117,13 @@ def test_digits_unet_ode_and_elbo_records_agree(tmp_path):
     # A briefly trained digits U-Net: both records are written, the ODE's decoder bound lies
     # within 1 bit/dim of the ELBO (the same decoder and z_0; only -log p(z_0) differs between
     # the diffusion's bound and the ODE's density, which agree for a perfect denoiser; after
-    # 300 steps the ODE was measured 0.55 above the ELBO +- 0.31), and the uniform-dequantised
-    # ODE figure is a non-negative bound on -log P(x).
+    # 300 steps the ODE was measured 0.55 above the ELBO +- 0.31 at rtol 1e-3), and the
+    # uniform-dequantised ODE figure is a non-negative bound on -log P(x).
     unet = th.overrides(**th.UNET, train__num_steps=300, train__write_samples=False,
                         optim__learning_rate=2e-3, optim__ema_rate=0.99)  # fmt: skip
     th.run_main(tmp_path, *unet)
-    ode = ["--config.eval.ode.trace=hutchinson", "--config.eval.ode.rtol=1e-3",
-           "--config.eval.ode.atol=1e-3", "--config.eval.max_examples=64",
+    ode = ["--config.eval.ode.trace=hutchinson", "--config.eval.ode.rtol=1e-2",
+           "--config.eval.ode.atol=1e-2", "--config.eval.max_examples=64",
            "--config.data.eval_batch_size=64"]  # fmt: skip
     for deq in ("decoder", "uniform"):
         th.run_main(tmp_path, *unet, "--config.eval.estimator=elbo,ode", *ode,

@@ -49,9 +49,9 @@ def elbo(model, params, batch, key, time_hist=None, *, proposal: str = "uniform"
         (vdm/core/time_proposals.py, with loss.time's bins and floor). Every proposal has the
         same expectation; a good one has a smaller standard error.
     """
-    probs = model.time_probs(params, time_hist, proposal)
     if proposal == "adaptive" and time_hist is None:
         raise ValueError("eval.elbo.proposal='adaptive' needs the checkpoint's time histogram.")
+    probs = model.time_probs(params, time_hist, proposal)
     terms = model.loss_terms(params, batch, key, train=False, time_probs=probs)
     to_bpd = 1.0 / (model.num_dims * math.log(2.0))
     return {"bpd": terms["bpd"], **{f"{n}_bpd": terms[n] * to_bpd for n in ELBO_TERMS}}

@@ -94,9 +94,11 @@ def make_train_step(
                 )  # fmt: skip
                 for i in range(accum)
             ]
-            seen = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[r[0][1][1] for r in results])
-            results = [((r[0][0], r[0][1][0]), r[1]) for r in results]
-            (loss, aux), grads = jax.tree.map(lambda *xs: sum(xs) / accum, *results)
+            # Each result is ((loss, (metrics, seen)), grads): average the losses, metrics and
+            # gradients; pool the micro-batches' (t, f) pairs for the histogram.
+            losses_aux = [((lo, m), g) for (lo, (m, _)), g in results]
+            (loss, aux), grads = jax.tree.map(lambda *xs: sum(xs) / accum, *losses_aux)
+            seen = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[s for (_, (_, s)), _ in results])
         hist = time_proposals.histogram_update(hist, *seen, rate=time.rate)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

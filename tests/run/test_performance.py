@@ -79,7 +79,7 @@ unet = json.loads(sys.argv[1])
 rng = np.random.default_rng(0)
 local = [{"x": rng.integers(0, 17, (8, 8, 8, 1)).astype(np.uint8)} for _ in range(2)]
 runs = {}
-for fsdp in (1, 2, 4):
+for fsdp in (1, 2):  # data 4 x fsdp 1, and data 2 x fsdp 2 (both axes in use)
     config = th.load_config(**unet, train__fsdp=fsdp)
     run = build_run(config)
     state = run.init_state()
@@ -92,7 +92,7 @@ for fsdp in (1, 2, 4):
     params = [np.asarray(p) for p in jax.tree.leaves(state.params)]
     runs[fsdp] = (losses, params, sharded, dict(run.mesh.shape))
 out = {}
-for fsdp in (2, 4):
+for fsdp in (2,):
     losses, params, sharded, mesh = runs[fsdp]
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(params, runs[1][1]))
     scale = max(float(np.max(np.abs(a))) for a in runs[1][1])

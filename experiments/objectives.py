@@ -50,6 +50,18 @@ VARIANTS = {
     "base_measure": {"model.base_measure": True},
     "learned_net_variance": {"schedule.type": "learned_net", "schedule.grad": "variance"},
     "combo": {"loss.time.proposal": "adaptive", "model.parameterization": "v"},
+    # Kingma & Gao 2023: monotone EDM weighting with their adaptive noise schedule.
+    "edm_adaptive": {
+        "loss.type": "weighted",
+        "loss.weighting": "edm",
+        "loss.time.proposal": "adaptive_lambda",
+    },
+    "v_edm_adaptive": {
+        "model.parameterization": "v",
+        "loss.type": "weighted",
+        "loss.weighting": "edm",
+        "loss.time.proposal": "adaptive_lambda",
+    },
 }
 
 config_flags.DEFINE_config_file(

@@ -105,12 +105,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Training objective: see vdm/losses.py. The ELBO is always reported.
     c.loss = ml_collections.ConfigDict()
     c.loss.type = "elbo"  # elbo|simple (DDPM eps-MSE)|weighted
-    c.loss.weighting = "none"  # for loss.type=weighted: none|sigmoid (name in losses.WEIGHTINGS)
+    c.loss.weighting = "none"  # for loss.type=weighted: none|sigmoid|edm (losses.WEIGHTINGS)
     add_part_options(c.loss, losses.WEIGHTINGS)  # loss.sigmoid.bias
     c.loss.timesteps = 0  # T; 0 = continuous time
     c.loss.antithetic = True  # low-discrepancy t over the training batch (eval: iid t)
     # Importance-sampled training times (vdm/core/time_proposals.py): proposal uniform |
-    # schedule (uniform in log-SNR) | adaptive (q(t) ~ sqrt of the running mean squared
+    # schedule (uniform in log-SNR) | adaptive_lambda (Kingma & Gao's adaptive noise schedule:
+    # q ~ running mean weighted loss per bin) | adaptive (q(t) ~ sqrt of the running mean squared
     # diffusion loss in each of `bins` bins of t, kept in the train state with EMA decay
     # `rate`), mixed with uniform by `floor`; combinable with antithetic draws.
     c.loss.time = ml_collections.ConfigDict(dict(proposal="uniform", bins=32, floor=0.1, rate=0.99))

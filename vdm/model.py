@@ -26,7 +26,7 @@ class TimeProposal:
     """How diffusion times are drawn (vdm/core/time_proposals.py; config.loss.time).
 
     Attributes:
-      proposal: uniform|schedule|adaptive.
+      proposal: uniform|schedule|adaptive|adaptive_lambda.
       bins: K bins of t for the proposal and the per-t loss histogram.
       floor: the share of uniform mixed into a non-uniform proposal.
       rate: EMA decay of the per-bin mean squared diffusion loss kept in the train state.
@@ -185,7 +185,8 @@ class DiffusionModel:
         Args:
           params: {'model', 'schedule'} parameters ('schedule' reads the schedule).
           time_hist: [bins] running mean squared diffusion loss per bin (the train state's).
-          proposal: uniform|schedule|adaptive.
+          proposal: uniform|schedule|adaptive|adaptive_lambda (the last reads the histogram
+            as the mean weighted loss, which is what training records under it).
         """
         p = self.objective.time
         if proposal == "uniform":
@@ -193,7 +194,16 @@ class DiffusionModel:
         if proposal == "schedule":
             gamma = lambda t: self.schedule.gamma(params["schedule"], t)
             return time_proposals.schedule_bins(gamma, p.bins, p.floor)
+        if proposal == "adaptive_lambda":
+            return time_proposals.weighted_loss_bins(time_hist, p.floor)
         return time_proposals.adaptive_bins(time_hist, p.floor)
+
+    def loss_weight(self, gamma):
+        """w(gamma) of the training loss (ones unless loss.type=weighted)."""
+        o = self.objective
+        if o.type != "weighted":
+            return jnp.ones_like(gamma)
+        return losses.WEIGHTINGS.build(o.weighting, o.weighting_options, gamma=gamma)
 
     def loss_terms(self, params, batch, key, *, train: bool, time_probs=None):
         """losses.loss_terms for a batch with this model's objective.

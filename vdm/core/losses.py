@@ -27,6 +27,7 @@ from collections.abc import Callable
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vdm.core import decoder, diffusion
 from vdm.core.schedules import Schedule, endpoints, gamma_and_slope
@@ -47,6 +48,61 @@ def no_weighting(gamma):
 def sigmoid_weighting(gamma, *, bias: float = 2.0):
     """Kingma & Gao 2023's sigmoid weighting w(lambda) = sigmoid(bias - lambda), lambda = -gamma."""
     return jax.nn.sigmoid(gamma + bias)
+
+
+def _edm_log_weight(lam, p_mean: float, p_std: float, sigma_data: float):
+    """log of EDM's weighting of the eps-MSE as a function of lambda = log SNR (unnormalised).
+
+    EDM draws log sigma ~ N(p_mean, p_std^2) and weights the x-MSE by
+    (sigma^2 + sigma_data^2) / (sigma sigma_data)^2. With sigma^2 = exp(-lambda) (the
+    variance-exploding view of z_t / alpha_t), lambda ~ N(-2 p_mean, (2 p_std)^2), and the x-MSE
+    is exp(-lambda) times the eps-MSE, so the eps-MSE weight per unit of lambda is
+    N(lambda; -2 p_mean, (2 p_std)^2) (exp(-lambda) + sigma_data^2) / sigma_data^2.
+    Works on numpy floats and jax arrays alike.
+    """
+    mu, s, c = -2.0 * p_mean, 2.0 * p_std, sigma_data**2
+    return -0.5 * jnp.square((lam - mu) / s) + jnp.logaddexp(-lam, math.log(c)) - math.log(c)
+
+
+def _edm_peak(p_mean: float, p_std: float, sigma_data: float) -> float:
+    """The lambda where EDM's weighting (`_edm_log_weight`) is largest, by a dense grid search.
+
+    A Python float: the options are static, so this runs once per trace, in numpy.
+    """
+    lam = np.linspace(-60.0, 60.0, 240_001)  # spacing 5e-4; the weighting is flat at its peak
+    mu, s, c = -2.0 * p_mean, 2.0 * p_std, sigma_data**2
+    log_w = -0.5 * ((lam - mu) / s) ** 2 + np.logaddexp(-lam, np.log(c))
+    return float(lam[np.argmax(log_w)])
+
+
+@WEIGHTINGS.register("edm")
+def edm_weighting(gamma, *, p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5):
+    """Kingma & Gao 2023's monotone EDM weighting in lambda = -gamma, with maximum 1.
+
+    EDM's own weighting re-expressed in lambda (`_edm_log_weight`) rises then falls; made
+    monotone as Kingma & Gao do ("EDM-monotonic"): held at its peak value for every lambda
+    below the peak lambda*, so w(lambda) = w_EDM(max(lambda, lambda*)) / w_EDM(lambda*), which
+    is non-increasing in lambda (non-decreasing in gamma), as a weighted ELBO needs. With the
+    defaults (EDM's p_mean, p_std, sigma_data) lambda* = -3.31, i.e. gamma* = 3.31.
+
+    Args:
+      gamma: -log SNR, any shape.
+      p_mean, p_std: EDM's log-sigma training distribution N(p_mean, p_std^2).
+      sigma_data: EDM's data standard deviation.
+
+    Returns:
+      w(gamma) in (0, 1], gamma's shape.
+    """
+    if p_std <= 0 or sigma_data <= 0:
+        raise ValueError(
+            f"edm weighting needs p_std > 0 and sigma_data > 0, got {p_std}, {sigma_data}."
+        )
+    peak = _edm_peak(p_mean, p_std, sigma_data)
+    lam = jnp.maximum(-gamma, peak)
+    return jnp.exp(
+        _edm_log_weight(lam, p_mean, p_std, sigma_data)
+        - _edm_log_weight(peak, p_mean, p_std, sigma_data)
+    )
 
 
 def sample_times(key, n: int, antithetic: bool = True):

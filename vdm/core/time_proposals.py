@@ -14,6 +14,13 @@ offset, (u + i / B) mod 1) carries over to t: importance sampling and antithetic
             (learned) schedule itself; the same as uniform for a linear schedule.
   adaptive  p_k proportional to sqrt(mean f^2 over the bin), from a histogram of per-t losses
             (`histogram_update`), mixed with uniform by `floor` so no bin starves.
+  adaptive_lambda
+            Kingma & Gao 2023's adaptive noise schedule: p_k proportional to the running mean
+            of the *weighted* diffusion term w(lambda_t) f(t) in the bin. A bin of t is a bin of
+            lambda = -gamma(t) (of equal width under a linear schedule), and the density of
+            lambda this induces is proportional to E[w(lambda) ||eps - eps_hat||^2], their
+            rule. The histogram then records sqrt(w f) (`histogram_values`), so that its mean
+            square is the mean of w f.
 
 Everything here is pure: the histogram is state that the caller keeps and passes in.
 """
@@ -21,7 +28,7 @@ Everything here is pure: the histogram is state that the caller keeps and passes
 import jax
 import jax.numpy as jnp
 
-PROPOSALS = ("uniform", "schedule", "adaptive")
+PROPOSALS = ("uniform", "schedule", "adaptive", "adaptive_lambda")
 
 
 def check(proposal: str, bins: int, floor: float) -> None:
@@ -55,6 +62,27 @@ def schedule_bins(gamma_fn, bins: int, floor: float):
 def adaptive_bins(mean_sq, floor: float):
     """Bin probabilities proportional to sqrt(mean f^2) of each bin (the variance-optimal q)."""
     return normalise(jnp.sqrt(jnp.maximum(mean_sq, 0.0)), floor)
+
+
+def weighted_loss_bins(mean_wf, floor: float):
+    """Bin probabilities proportional to each bin's mean weighted loss w f (adaptive_lambda)."""
+    return normalise(mean_wf, floor)
+
+
+def histogram_values(proposal: str, f, weight):
+    """What the per-t histogram records for `proposal`: its mean square drives the proposal.
+
+    Args:
+      proposal: a PROPOSALS name.
+      f: [B] unweighted (by importance) diffusion terms, non-negative.
+      weight: [B] the loss weighting w(lambda_t) (ones under the ELBO).
+
+    Returns:
+      [B]: sqrt(w f) for adaptive_lambda (mean square = mean of w f), f otherwise.
+    """
+    if proposal == "adaptive_lambda":
+        return jnp.sqrt(jnp.maximum(weight * f, 0.0))
+    return f
 
 
 def sample(probs, u):

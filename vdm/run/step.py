@@ -67,8 +67,11 @@ def make_train_step(
         loss = losses.bits_per_dim(jnp.mean(terms["train"]), model.num_dims)
         if fail_at_step is not None:
             loss = loss * jnp.where(step + 1 == fail_at_step, jnp.nan, 1.0)
-        # The per-t histogram takes the unweighted diffusion term f(t).
-        seen = (terms["t"], terms["diffusion"] / terms["time_weight"])
+        # The per-t histogram takes the unweighted diffusion term f(t) (adaptive_lambda: the
+        # weighted one, as its square root; time_proposals.histogram_values).
+        f = terms["diffusion"] / terms["time_weight"]
+        weight = model.loss_weight(jax.lax.stop_gradient(terms["gamma_t"]))
+        seen = (terms["t"], time_proposals.histogram_values(time.proposal, f, weight))
         return loss, (_mean_metrics(terms, model.num_dims), seen)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

@@ -89,7 +89,7 @@ def dpm_solver_pp(
     t, g = step_grid(model, steps, spacing, rho)
     lam = -0.5 * g
     z = normal(key, shape, batch_sharding)
-    zeros = jnp.zeros(shape, z.dtype)
+    zeros = constrain(jnp.zeros(shape, z.dtype), batch_sharding)  # same layout as x0
 
     def body(carry, i):
         z, x1, x2, h1, h2 = carry  # previous two data predictions and step sizes
@@ -112,6 +112,7 @@ def dpm_solver_pp(
         if lower_order_final:
             k = jnp.minimum(k, steps - i)
         z_new = jnp.where(k == 1, base, jnp.where(k == 2, second, third))
+        x0 = constrain(x0, batch_sharding)
         return (constrain(z_new, batch_sharding), x0, x1, h, h1), None
 
     one = jnp.ones((), z.dtype)  # dummy previous steps (never selected before they exist)

@@ -118,7 +118,7 @@ def _divergence_fn(velocity: Callable, trace: str):
 
 _ODE_STATIC = (
     "denoise_fn", "schedule", "parameterization", "t0", "t1", "trace", "num_probes",
-    "probe", "solver", "steps", "rtol", "atol", "max_steps", "batch_sharding",
+    "probe", "solver", "time", "steps", "rtol", "atol", "max_steps", "batch_sharding",
 )  # fmt: skip
 
 
@@ -138,6 +138,7 @@ def ode_log_prob(
     num_probes: int = 1,
     probe: str = "rademacher",
     solver: str = "tsit5",
+    time: str = "t",
     steps: int = 64,
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -155,6 +156,8 @@ def ode_log_prob(
       trace: exact|hutchinson.
       num_probes, probe: Hutchinson probe count and distribution (rademacher|gaussian).
       solver, steps, rtol, atol, max_steps: see vdm.ode.integrate (adaptive by default).
+      time: integrate in t or in gamma = -log SNR ('log_snr'; the density change is the same
+        integral of the divergence, taken in the other variable).
       batch_sharding: optional sharding of the batch.
 
     Returns:
@@ -165,15 +168,17 @@ def ode_log_prob(
         denoise_fn, schedule, schedule_params, parameterization=parameterization, cond=cond
     )
 
-    def velocity(t, zz):
-        return constrain(ode.drift(model, t, zz), batch_sharding)
+    field, s0, s1 = ode.velocity_and_span(model, time, t0, t1)
+
+    def velocity(s, zz):
+        return constrain(field(s, zz), batch_sharding)
 
     tangents = _tangents(z, key, trace, num_probes, probe)
     # The step size is controlled on z alone: int div dt is a quadrature along z's path, and
     # its error estimate is rounding noise that would let the device count pick the steps.
     y0 = (z, constrain(jnp.zeros(z.shape[:1], z.dtype), batch_sharding))
     (z_end, delta), num_steps = ode.integrate(
-        _divergence_fn(velocity, trace), y0, t0, t1, solver=solver, steps=steps, rtol=rtol,
+        _divergence_fn(velocity, trace), y0, s0, s1, solver=solver, steps=steps, rtol=rtol,
         atol=atol, max_steps=max_steps, args=tangents, control=lambda y: y[0],
     )  # fmt: skip
     d = math.prod(z.shape[1:])
@@ -218,7 +223,7 @@ def ode_nll(
       num_samples: K dequantisation draws per example, combined by importance weighting,
         -log (1/K sum_k P(x, z_k) / q(z_k | x)); 1 for 'none'.
       **ode_options: passed to ode_log_prob (parameterization, cond, trace, num_probes, probe,
-        solver, steps, rtol, atol, max_steps, batch_sharding).
+        solver, time, steps, rtol, atol, max_steps, batch_sharding).
 
     Returns:
       Dict of [B] arrays in nats 'nll', 'log_prob' (log p_ODE at the start, averaged over the

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from vdm.core import guidance as guidance_lib
+from vdm.core.schedule_inverse import inverse_gamma
 from vdm.core.schedules import Schedule, gamma_and_slope
 
 
@@ -21,11 +22,13 @@ class EpsModel(NamedTuple):
       eps: (z [B, ...], t scalar) -> eps prediction (guided).
       gamma: t -> gamma(t).
       gamma_slope: t -> (gamma(t), gamma'(t)).
+      time_of: gamma -> t, the schedule's numerical inverse (for steps in log-SNR).
     """
 
     eps: Callable
     gamma: Callable
     gamma_slope: Callable
+    time_of: Callable | None = None
 
 
 def eps_model(
@@ -67,4 +70,5 @@ def eps_model(
         eps=eps,
         gamma=lambda t: schedule.gamma(schedule_params, jnp.asarray(t, jnp.float32)),
         gamma_slope=lambda t: gamma_and_slope(schedule, schedule_params, t),
+        time_of=lambda g: inverse_gamma(schedule, schedule_params, g),
     )

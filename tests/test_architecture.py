@@ -22,6 +22,7 @@ LAYERS = {
     "vdm.data": 1,
     "vdm.optim": 1,
     "vdm.parallel": 1,
+    "vdm.distributed": 1,
     "vdm.sampling": 2,
     "vdm.model": 3,
     "vdm.estimators": 3,

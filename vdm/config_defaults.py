@@ -140,6 +140,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.write_samples = True
     c.train.profile_steps = 0  # >0: clu Profile traces this many steps (TensorBoard profile)
 
+    # Multi-process runs (vdm/distributed.py): a process silent for heartbeat_timeout_s is
+    # declared lost and every other process stops with an error naming it; a finishing
+    # process waits at most shutdown_timeout_s for the others; joining waits init_timeout_s.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.heartbeat_timeout_s = 20
+    c.distributed.shutdown_timeout_s = 30
+    c.distributed.init_timeout_s = 300
+
     # Evaluation: full-split likelihoods in bits/dim, deterministic (vdm/run/evaluate.py).
     c.eval = ml_collections.ConfigDict()
     # Likelihood estimators (vdm/estimators.py), comma-separated: elbo | ode | elbo,ode. Each

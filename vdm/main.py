@@ -43,13 +43,22 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     # No JAX backend may start before the distributed initialisation.
-    from vdm import parallel
+    from vdm import distributed
     from vdm.run import logs
 
     logs.quiet_library_logs()
-    parallel.initialize_distributed(
-        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    distributed.initialize(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        **FLAGS.config.distributed,
     )
+    # With several processes, a failure anywhere stops every process with one message.
+    with distributed.fail_together():
+        _run_mode()
+
+
+def _run_mode():
     from vdm.run.setup import build_run
 
     run = build_run(FLAGS.config)  # the one place a config becomes a run

@@ -10,35 +10,12 @@ process contributes its share of every global batch through
 
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA_AXES = ("data", "fsdp")
 # Small leaves are cheaper to replicate than to gather.
 _MIN_SHARD_SIZE = 2**12
-
-
-def initialize_distributed(
-    coordinator_address: str | None, num_processes: int | None, process_id: int | None
-) -> None:
-    """Joins a multi-process JAX run when asked to; a no-op for a single process.
-
-    Must run before anything touches a JAX backend.
-
-    Args:
-      coordinator_address: 'host:port' of process 0's coordinator, or None/'' to skip.
-      num_processes: total number of processes.
-      process_id: this process's index in [0, num_processes).
-    """
-    if not coordinator_address and not (num_processes and num_processes > 1):
-        return
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address or None,
-        num_processes=num_processes,
-        process_id=process_id,
-    )
-    logging.info("Process %d of %d joined.", jax.process_index(), jax.process_count())
 
 
 def make_mesh(fsdp: int = 1) -> jax.sharding.Mesh:

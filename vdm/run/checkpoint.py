@@ -13,6 +13,7 @@ and the previous one is used; if none restores, `CheckpointError` is raised. A r
 from scratch while a checkpoint directory holds steps.
 """
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -35,6 +36,10 @@ def _metric(metrics) -> float:
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint could be restored, or a checkpoint failed verification."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint could not be written (disk full, unwritable workdir, ...)."""
 
 
 def _all_finite(tree) -> bool:
@@ -81,6 +86,7 @@ class Checkpoints:
             enable_async_checkpointing=async_save,
             create=True,
         )
+        self._pending = None  # step of the save that may still be running in the background
         self._mngr = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
@@ -111,15 +117,50 @@ class Checkpoints:
         best = {}
         if metrics and BEST_METRIC in metrics:
             best = {BEST_METRIC: float(metrics[BEST_METRIC])}
-        self._mngr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave(dict(meta, step=int(step))),
-            ),
-            metrics=best,
-            force=True,
-        )
+        with self._saving(step):
+            self._mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave(dict(meta, step=int(step))),
+                ),
+                metrics=best,
+                force=True,
+            )
+        self._pending = step
+
+    @contextlib.contextmanager
+    def _saving(self, step: int):
+        """Turns any failure of a save (here or in orbax's background thread, which reports
+        it at the next call) into a CheckpointSaveError naming the step and what is left."""
+        try:
+            yield
+        except CheckpointSaveError:
+            raise
+        except Exception as e:  # noqa: BLE001 - OSError, tensorstore's ValueError, ...
+            failed = self._pending if self._pending is not None else step
+            self._pending = None
+            raise CheckpointSaveError(
+                f"Saving checkpoint step {failed} to {self.directory} failed: "
+                f"{type(e).__name__}: {e}. {self.describe_latest()} (its unfinished temporary "
+                "directory is not among the finalised steps and is removed at the next start)."
+            ) from e
+
+    def check(self) -> None:
+        """Raises CheckpointSaveError if a background save has failed (does not block)."""
+        with self._saving(self._pending or -1):
+            self._mngr.check_for_errors()
+
+    def describe_latest(self) -> str:
+        """'Last complete checkpoint: DIR (step N).' read from disk (safe from any thread):
+        orbax gives a step its plain numeric name only once every process has written it."""
+        try:
+            steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+        except OSError:
+            steps = []
+        if not steps:
+            return f"No complete checkpoint in {self.directory}."
+        return f"Last complete checkpoint: {self.path(steps[-1])} (step {steps[-1]})."
 
     def _restore_step(self, step: int, target):
         restored = self._mngr.restore(
@@ -187,10 +228,22 @@ class Checkpoints:
         self._mngr.reload()
 
     def wait(self) -> None:
-        """Blocks until pending async saves are on disk."""
-        self._mngr.wait_until_finished()
+        """Blocks until pending async saves are on disk.
+
+        Raises:
+          CheckpointSaveError: a pending save failed.
+        """
+        with self._saving(self._pending or -1):
+            self._mngr.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
-        """Waits for pending saves and releases the manager."""
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Waits for pending saves and releases the manager.
+
+        Raises:
+          CheckpointSaveError: a pending save failed (the manager is released all the same).
+        """
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()

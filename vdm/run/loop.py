@@ -16,7 +16,7 @@ from absl import logging
 from clu import periodic_actions
 from jax.experimental import multihost_utils
 
-from vdm import data, parallel
+from vdm import data, distributed, parallel
 from vdm.run import logs, writers
 from vdm.run.checkpoint import Checkpoints
 from vdm.run.evaluate import evaluate
@@ -118,10 +118,13 @@ def train(
     Raises:
       NonFiniteError: a step produced non-finite values (nothing non-finite was saved).
       CheckpointError: checkpoints exist but none can be restored.
+      CheckpointSaveError: a checkpoint could not be written (the earlier ones are intact).
     """
     config, tc = run.config, run.config.train
     parallel.check_batch_size(config.data.batch_size, run.mesh, config.optim.accum_steps)
     ckpts = run.checkpoints(workdir)
+    # A lost or failing process stops every process with a message ending in this line.
+    distributed.set_context(ckpts.describe_latest)
     state, meta, step, restored = restore_or_init(run, ckpts)
     if restored and step >= tc.num_steps and logs.is_done(workdir):
         logging.info("Run in %s is already complete at step %d.", workdir, step)
@@ -183,6 +186,7 @@ def train(
             if not (is_log or is_ckpt or stop):
                 continue
             check_finite(state, ckpts)
+            ckpts.check()  # a failed background save stops the run at the next sync point
             if is_log:
                 values = logs.to_floats(jax.tree.map(lambda v: v / acc_steps, parallel.fetch(acc)))
                 writer.write_scalars(step, values)
@@ -217,8 +221,8 @@ def train(
         return {"step": step, "preempted": False, **eval_metrics}
     finally:
         preempt.restore()
-        ckpts.close()
         writer.close()
+        ckpts.close()
 
 
 def _timed(hooks, name: str):

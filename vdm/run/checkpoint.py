@@ -25,6 +25,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
+from vdm.errors import UserError
+
 BEST_METRIC = "eval/bpd"
 
 
@@ -33,7 +35,7 @@ def _metric(metrics) -> float:
     return float(metrics.get(BEST_METRIC, float("inf")))
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint could be restored, or a checkpoint failed verification."""
 
 

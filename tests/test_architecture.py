@@ -17,6 +17,7 @@ VDM = Path(__file__).resolve().parents[1] / "vdm"
 LAYERS = {
     "vdm.registry": 0,
     "vdm.runtime": 0,
+    "vdm.errors": 0,
     "vdm.core": 1,
     "vdm.nets": 1,
     "vdm.data": 1,

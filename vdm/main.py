@@ -4,12 +4,16 @@
   python -m vdm.main --config=configs/cifar10.py --workdir=DIR --config.optim.learning_rate=1e-4
   python -m vdm.main --config=configs/digits.py --workdir=runs/digits --mode=eval
 
-Configs are locked: overriding a key that does not exist fails while parsing flags. Several
+Configs are locked: overriding a key that does not exist fails while parsing flags. A problem
+with what was asked for (a misspelt key, a missing config or data file, an unprepared dataset,
+--mode=eval on a workdir without a checkpoint) ends the command with one message that says what
+to fix and exit status 1; --verbose shows the Python traceback instead. Several
 processes (hosts) join through --coordinator_address/--num_processes/--process_id (or the
 VDM_COORDINATOR_ADDRESS / VDM_NUM_PROCESSES / VDM_PROCESS_ID environment variables).
 """
 
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -35,8 +39,48 @@ flags.DEFINE_integer(
     int(os.environ.get("VDM_PROCESS_ID", "0")),
     "This process's index in a multi-process run.",
 )
+flags.DEFINE_bool("verbose", False, "On an error, show the Python traceback too.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+VERBOSE_ARGS = ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1")
+
+
+def _message(err: BaseException) -> str:
+    """The readable text of an error (KeyError and ml_collections quote theirs as a repr)."""
+    while err.args and isinstance(err.args[0], BaseException):  # AttributeError(KeyError(...))
+        err = err.args[0]
+    text = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+    return text.strip().replace("\n", " ")
+
+
+def fail(err: BaseException, verbose: bool, what: str = "") -> None:
+    """Ends the command with one message (exit 1), or re-raises it with --verbose."""
+    if verbose:
+        raise err
+    if "Failed loading config file" in str(err):  # ml_collections: the file's error is last
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        err, what = OSError(f"the config file does not load: {lines[-1]}"), "--config: "
+    sys.stderr.write(f"vdm.main: error: {what}{_message(err)}\n(--verbose shows the traceback)\n")
+    sys.exit(1)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a misspelt --config key or a config file that does not load
+    reported as one message (they are raised while the flags are parsed, before main)."""
+    verbose = any(a in VERBOSE_ARGS for a in argv)
+    try:
+        args = FLAGS(argv)
+    except flags.Error as err:
+        fail(err, verbose, "command line: ")
+    except (AttributeError, KeyError, OSError, TypeError, ValueError) as err:
+        text = _message(err)
+        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+        culprit = [a for a in overrides if f"'{a.rsplit('.', 1)[-1]}'" in text]
+        where = f"{culprit[0]}: no such config key " if culprit else "--config: "
+        fail(err, verbose, where)
+    return args
 
 
 def main(argv):
@@ -59,26 +103,33 @@ def main(argv):
 
 
 def _run_mode():
+    from vdm.errors import UserError
     from vdm.run.setup import build_run
 
-    run = build_run(FLAGS.config)  # the one place a config becomes a run
+    try:
+        run = build_run(FLAGS.config)  # the one place a config becomes a run
+    except (UserError, ValueError, KeyError, OSError) as err:  # the config asks for the wrong thing
+        fail(err, FLAGS.verbose)
     # Each mode imports only its own workflow: training's metric writers pull in TensorFlow.
-    if FLAGS.mode == "train":
-        from vdm.run import loop
+    try:
+        if FLAGS.mode == "train":
+            from vdm.run import loop
 
-        loop.train(run, FLAGS.workdir, tensorboard=FLAGS.tensorboard)
-    elif FLAGS.mode == "eval":
-        from vdm.run import evaluate
+            loop.train(run, FLAGS.workdir, tensorboard=FLAGS.tensorboard)
+        elif FLAGS.mode == "eval":
+            from vdm.run import evaluate
 
-        evaluate.evaluate_checkpoint(run, FLAGS.workdir)
-    else:
-        from vdm.run import sample
+            evaluate.evaluate_checkpoint(run, FLAGS.workdir)
+        else:
+            from vdm.run import sample
 
-        sample.sample_checkpoint(run, FLAGS.workdir)
+            sample.sample_checkpoint(run, FLAGS.workdir)
+    except (UserError, FloatingPointError) as err:  # NonFiniteError; others are bugs
+        fail(err, FLAGS.verbose)
 
 
 if __name__ == "__main__":
     from vdm import runtime
 
     runtime.setup()  # before JAX starts: tcmalloc (re-runs the command) and XLA:CPU flags
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

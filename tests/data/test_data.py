@@ -4,14 +4,13 @@ normalisation. The TFDS path runs the real pipeline on tfds.testing.mock_data.
 """
 
 import re
-import subprocess
-import sys
 
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+import train_helpers as th
 
 from vdm.config_defaults import base_config
 from vdm.data import densities, memory, tfds_images
@@ -204,15 +203,16 @@ def test_tfds_order_resume_and_process_shares():
 
 @pytest.mark.slow
 def test_unprepared_dataset_fails_fast_with_instructions(tmp_path):
-    # A fresh interpreter with an empty data_dir: the real TFDS code path, no mock.
-    code = (
-        "from vdm.config_defaults import base_config\nfrom vdm.run.setup import build_dataset\n"
-        f"c = base_config().data\nc.name = 'imagenet32'\nc.data_dir = {str(tmp_path)!r}\n"
-        "next(build_dataset(c).train_batches(batch_size=64, seed=0, start_step=0))\n"
+    # The real command line and TFDS code path with an empty data_dir, no mock: one message.
+    proc = th.run_main(
+        tmp_path / "run",
+        "--config.data.name=imagenet32",
+        f"--config.data.data_dir={tmp_path}",
+        "--config.model.num_classes=0",
+        check=False,
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "DatasetNotPreparedError" in proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "vdm.main: error:" in proc.stderr
     assert "tfds build downsampled_imagenet/32x32" in proc.stderr
     assert "--config.data.data_dir" in proc.stderr and str(tmp_path) in proc.stderr
 

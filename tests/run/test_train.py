@@ -154,11 +154,34 @@ def test_end_to_end_train_eval_sample(tmp_path):
     assert samples.shape == (5, 2) and np.isfinite(samples).all()
 
 
+def _one_message(proc) -> str:
+    """The error text of a failed vdm.main: one 'vdm.main: error:' line, no traceback."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("vdm.main: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
 @pytest.mark.slow
-def test_misspelt_override_fails_naming_the_key(tmp_path):
-    proc = th.run_main(tmp_path, "--config.optim.learning_rat=0.1", check=False, timeout=120)
-    assert proc.returncode != 0
-    assert "learning_rat" in proc.stderr
+def test_misspelt_override_is_one_message_and_verbose_shows_traceback(tmp_path):
+    line = _one_message(th.run_main(tmp_path, "--config.optim.learning_rat=0.1", check=False))
+    assert "--config.optim.learning_rat: no such config key" in line and "learning_rate" in line
+    proc = th.run_main(tmp_path, "--config.optim.learning_rat=0.1", "--verbose", check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.slow
+def test_eval_without_checkpoint_and_missing_data_file_are_one_message(tmp_path):
+    line = _one_message(th.run_main(tmp_path / "none", *th.overrides(), mode="eval", check=False))
+    assert "No checkpoint in" in line and "--mode=train" in line
+    assert not (tmp_path / "none").exists()  # nothing created in a misspelt workdir
+    missing = tmp_path / "missing.npz"
+    proc = th.run_main(
+        tmp_path, "--config.data.name=npz", f"--config.data.path={missing}", check=False
+    )
+    line = _one_message(proc)
+    assert str(missing) in line and "--config.data.path" in line
 
 
 def test_image_grid_and_schedule_plot(tmp_path):

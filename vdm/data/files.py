@@ -42,7 +42,9 @@ def _existing(path, kind: str) -> Path:
         raise ValueError(f"data.path is not set: give the {kind} to read (--config.data.path=...).")
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"data.path {str(p)!r} does not exist.")
+        raise FileNotFoundError(
+            f"data.path {str(p)!r} does not exist; point --config.data.path at the {kind}."
+        )
     want_dir = kind == "folder"
     if want_dir != p.is_dir():
         what = "a folder" if p.is_dir() else "a file"

@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from vdm.data import values
+from vdm.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,7 @@ PRESETS = {
 }
 
 
-class DatasetNotPreparedError(FileNotFoundError):
+class DatasetNotPreparedError(UserError, FileNotFoundError):
     """A TFDS dataset is not in data_dir, and this code never downloads at run time."""
 
 

@@ -26,6 +26,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
+from vdm.errors import UserError
+
 BEST_METRIC = "eval/bpd"
 
 
@@ -34,7 +36,7 @@ def _metric(metrics) -> float:
     return float(metrics.get(BEST_METRIC, float("inf")))
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint could be restored, or a checkpoint failed verification."""
 
 

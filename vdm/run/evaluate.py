@@ -201,13 +201,21 @@ def restore_latest(run: Run, workdir):
     Raises:
       CheckpointError: the workdir holds no restorable checkpoint.
     """
+    if not (epath.Path(workdir) / "checkpoints").exists():  # before orbax creates it
+        raise CheckpointError(
+            f"No checkpoint in {workdir}: --mode=eval and --mode=sample read a trained run. "
+            "Pass the --workdir of one, or train first (the same command with --mode=train)."
+        )
     ckpts = run.checkpoints(workdir)
     try:
         found = ckpts.restore(run.abstract_state)
     finally:
         ckpts.close()
     if found is None:
-        raise CheckpointError(f"No checkpoint in {ckpts.directory}; train first.")
+        raise CheckpointError(
+            f"No checkpoint in {ckpts.directory}; train first (the same command with "
+            "--mode=train) or pass the --workdir of a trained run."
+        )
     state, _, step = found
     return state, step
 

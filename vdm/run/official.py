@@ -33,10 +33,12 @@ import numpy as np
 from etils import epath
 from flax import serialization, traverse_util
 
+from vdm.errors import UserError
+
 FLAX_FILE = re.compile(r"^(?P<prefix>.*)-(?P<number>\d+)\.flax$")
 
 
-class OfficialCheckpointError(ValueError):
+class OfficialCheckpointError(UserError, ValueError):
     """The file is missing or is not a checkpoint of the official VDM code's layout."""
 
 

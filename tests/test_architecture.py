@@ -25,6 +25,7 @@ LAYERS = {
     "vdm.parallel": 1,
     "vdm.distributed": 1,
     "vdm.sampling": 2,
+    "vdm.metrics": 2,
     "vdm.model": 3,
     "vdm.estimators": 3,
     "vdm.config_defaults": 4,

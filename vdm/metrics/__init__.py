@@ -1,0 +1,1 @@
+"""Sample-quality metrics (FID, KID) computed offline from feature arrays."""

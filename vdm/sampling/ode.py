@@ -130,8 +130,9 @@ def integrate(
         raise ValueError(f"Unknown ODE solver {solver!r}; choose one of {sorted(SOLVERS)}.")
     adaptive = solver in ADAPTIVE
 
-    def solve(y0, args):
-        # Everything array-valued is built in here, so it lives in solve's sharding mode.
+    def solve(y0, args, t0, t1):
+        # Everything array-valued is built in here, so it lives in solve's sharding mode; the
+        # times come in as arguments too (in log-SNR time they are arrays: gamma of t0, t1).
         if adaptive:
             norm = batch_max_rms if control is None else lambda err: batch_max_rms(control(err))
             controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=norm)
@@ -162,7 +163,7 @@ def integrate(
         # types reject; solve with those axes in Auto mode and hand back y's own layout.
         specs = jax.tree.map(lambda a: jax.typeof(a).sharding.spec, y0)
         solve = jax.sharding.auto_axes(solve, axes=explicit, out_sharding=(specs, P()))
-    return solve(y0, args)
+    return solve(y0, args, t0, t1)
 
 
 def flow(model: EpsModel, z, t0: float, t1: float, *, batch_sharding=None, time: str = "t",

@@ -54,6 +54,9 @@ FIXED = [
     ("sde (Euler-Maruyama)", "sde", {}),
     ("pc (ancestral + 1 Langevin)", "pc", {"corrector_steps": 1, "snr": 0.1}),
     ("ode heun", "ode", {"solver": "heun"}),
+    ("ode heun in log-SNR", "ode", {"solver": "heun", "time": "log_snr"}),
+    ("DPM-Solver++ 2M", "dpm_solver", {"order": 2}),
+    ("DPM-Solver++ 3M", "dpm_solver", {"order": 3}),
     ("langevin (2 per level)", "langevin", {"steps_each": 2}),
 ]
 ADAPTIVE = [(f"ode tsit5 tol={tol:g}", "ode", {"solver": "tsit5", "rtol": tol, "atol": tol})
@@ -64,7 +67,7 @@ flags.DEFINE_integer("samples", 4096, "Samples per sampling run (the batch).")
 flags.DEFINE_integer("dims", 16, "Dimension D of the test Gaussian.")
 flags.DEFINE_list(
     "steps",
-    ["10", "25", "50", "100", "250", "1000"],
+    ["10", "15", "25", "50", "100", "250", "1000"],
     "Step counts of the fixed-grid samplers, comma-separated; the largest is the reference.",
 )
 flags.DEFINE_integer("repeats", 3, "Timed runs per (sampler, steps) after one warm-up.")

@@ -182,10 +182,28 @@ def fail_together():
             # here: process 0 (which hosts the service) must not leave while others work.
             _client().wait_at_barrier("vdm_job_done", _timeouts["shutdown"] * 1000)
             _finished.set()
+            _shutdown_in_order()
     except BaseException as e:
         if jax.process_count() == 1 or isinstance(e, SystemExit | KeyboardInterrupt):
             raise
         _fail(e)
+
+
+def _shutdown_in_order() -> None:
+    """Disconnects from the service, process 0 (its host) last: were it to leave first, a
+    process still disconnecting would find the service gone and abort with a C++ stack dump
+    (seen when SIGTERM reached one process only). Waits at most the shutdown timeout."""
+    client, others = _client(), set(range(1, jax.process_count()))
+    if jax.process_index() != 0:
+        jax.distributed.shutdown()
+        return
+    deadline = time.time() + _timeouts["shutdown"]
+    while time.time() < deadline:
+        lost = _lost_processes(client)
+        if lost is None or others <= set(lost):  # every other process has disconnected
+            break
+        time.sleep(0.05)
+    jax.distributed.shutdown()
 
 
 # XLA runtime errors carry a status code in front of their text (and not always the

@@ -4,6 +4,7 @@ The resume tests compare metrics.jsonl losses of interrupted runs with an uninte
 the same config, bit for bit (CPU, same device count) or to float tolerance (other count).
 """
 
+import errno
 import os
 import signal
 from pathlib import Path
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 import train_helpers as th
 
-from vdm.run.checkpoint import CheckpointError, Checkpoints
+from vdm.errors import UserError
+from vdm.run.checkpoint import CheckpointError, Checkpoints, CheckpointSaveError
 
 NUM_STEPS = 300
 RUN = dict(
@@ -155,3 +157,31 @@ def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch):
     assert step == 3 and meta["step"] == 3
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(4.0))
     assert (tmp_path / "runs" / "relative" / "checkpoints" / "3").is_dir()
+
+
+def test_a_save_that_fails_names_the_step_and_leaves_earlier_checkpoints(tmp_path):
+    """A full disk (ENOSPC from the writer) during a save: CheckpointSaveError naming the step,
+    the cause and the last complete checkpoint, which still restores; the failed step is not
+    among the finalised ones."""
+    state = {"w": jnp.arange(6.0), "step": jnp.asarray(1)}
+    ckpts = Checkpoints(tmp_path, keep=3, async_save=False)
+    ckpts.save(1, state, {"note": "first"})
+    ckpts.wait()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    ckpts._mngr.save = disk_full  # the writer fails as tensorstore does on a full disk
+    with pytest.raises(CheckpointSaveError) as err:
+        ckpts.save(2, {"w": jnp.arange(6.0) + 1, "step": jnp.asarray(2)}, {"note": "second"})
+    message = str(err.value)
+    assert "step 2" in message and "No space left on device" in message, message
+    assert f"Last complete checkpoint: {tmp_path / 'checkpoints' / '1'} (step 1)" in message
+    assert isinstance(err.value, UserError)  # the command line prints it as one message
+    ckpts.close()
+    assert th.checkpoint_steps(tmp_path) == [1]
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          state)  # fmt: skip
+    restored, meta, step = Checkpoints(tmp_path, async_save=False).restore(target)
+    assert step == 1 and meta["note"] == "first"
+    np.testing.assert_array_equal(restored["w"], state["w"])

@@ -185,3 +185,36 @@ def test_a_save_that_fails_names_the_step_and_leaves_earlier_checkpoints(tmp_pat
     restored, meta, step = Checkpoints(tmp_path, async_save=False).restore(target)
     assert step == 1 and meta["note"] == "first"
     np.testing.assert_array_equal(restored["w"], state["w"])
+
+
+def test_a_checkpoint_of_another_shape_is_refused_naming_the_arrays(tmp_path):
+    state = {"params": {"conv": {"kernel": jnp.zeros((3, 3, 4, 8))}, "b": jnp.zeros(3)}}
+    ckpts = Checkpoints(tmp_path, async_save=False)
+    ckpts.save(1, state, {})
+    ckpts.wait()
+    other = {"params": {"conv": {"kernel": jnp.zeros((3, 3, 4, 16))}, "c": jnp.zeros(3)}}
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          other)  # fmt: skip
+    with pytest.raises(CheckpointError, match="does not fit this config: 3 arrays differ") as e:
+        ckpts.restore(target)
+    message = str(e.value)
+    assert "params/conv/kernel: checkpoint (3, 3, 4, 8) vs config (3, 3, 4, 16)" in message
+    assert "params/b: checkpoint (3,) vs config absent" in message
+    assert "params/c: checkpoint absent vs config (3,)" in message
+    assert th.checkpoint_steps(tmp_path) == [1]  # refused, not moved aside
+
+
+@pytest.mark.slow
+def test_resuming_with_another_network_fails_and_with_another_lr_logs_it(tmp_path):
+    th.run_main(tmp_path, *th.overrides(train__num_steps=2, train__write_samples=False))
+    wider = th.run_main(tmp_path, *th.overrides(train__num_steps=4, model__n_embd=32),
+                        check=False)  # fmt: skip
+    assert wider.returncode == 1, wider.stderr[-3000:]
+    assert "does not fit this config" in wider.stderr and "Traceback" not in wider.stderr
+    assert "checkpoint (2, 64) vs config (2, 32)" in wider.stderr or "vs config (" in wider.stderr
+    lower = th.run_main(tmp_path, *th.overrides(train__num_steps=3, optim__learning_rate=1e-4,
+                                                train__write_samples=False))  # fmt: skip
+    assert "Resuming with a changed setting: optim.learning_rate: 0.001 -> 0.0001" in (
+        lower.stderr
+    ), lower.stderr[-3000:]
+    assert sorted(th.train_losses(tmp_path)) == [1, 2, 3]

@@ -44,6 +44,20 @@ class CheckpointSaveError(CheckpointError):
     """A checkpoint could not be written (disk full, unwritable workdir, ...)."""
 
 
+def _shapes(tree) -> dict[str, tuple]:
+    """'a/b/c' -> shape of every array leaf, keyed alike for a saved tree of dicts and a
+    live state of dataclasses (orbax stores both as nested dicts of field names)."""
+
+    def name(entry) -> str:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {"/".join(name(e) for e in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
 def _all_finite(tree) -> bool:
     leaves = [x for x in jax.tree.leaves(tree) if jax.numpy.issubdtype(x.dtype, np.inexact)]
     if not leaves:
@@ -198,6 +212,14 @@ class Checkpoints:
             steps = [step]
         if not steps:
             return None
+        mismatch = self.shape_mismatch(steps[-1], target)
+        if mismatch:
+            shown = "; ".join(mismatch[:8]) + ("; ..." if len(mismatch) > 8 else "")
+            raise CheckpointError(
+                f"The checkpoint {self.path(steps[-1])} does not fit this config: "
+                f"{len(mismatch)} arrays differ ({shown}). Relaunch with the config it was "
+                "trained with (the workdir's config.json), or use a new workdir."
+            )
         failures = []
         for s in reversed(steps):
             try:
@@ -215,6 +237,24 @@ class Checkpoints:
             f"No checkpoint in {self.directory} could be restored ({detail}). Refusing to start "
             "from scratch: move the directory away to do that deliberately."
         )
+
+    def shape_mismatch(self, step: int, target) -> list[str]:
+        """'path: checkpoint SHAPE vs config SHAPE' for every array whose shape or presence
+        differs between the saved state at `step` and `target` (empty when they fit, or when
+        the metadata is unreadable: the restore attempt then reports the damage)."""
+        try:
+            # Read by the item's own handler: a manager that has not saved in this process
+            # does not know the item's handler and gives no metadata for it.
+            saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+        except Exception:  # noqa: BLE001 - a damaged checkpoint is the restore loop's business
+            return []
+        have = _shapes(getattr(saved, "tree", saved))
+        want = _shapes(target)
+        return [
+            f"{k}: checkpoint {have.get(k, 'absent')} vs config {want.get(k, 'absent')}"
+            for k in sorted(set(have) | set(want))
+            if have.get(k) != want.get(k)
+        ]
 
     def _quarantine(self, steps) -> None:
         """Moves unreadable checkpoints aside so new saves at those steps do not collide."""

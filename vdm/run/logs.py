@@ -87,6 +87,33 @@ def clear_done(workdir) -> None:
         path.unlink()
 
 
+def config_changes(workdir, config) -> list[str]:
+    """'key: old -> new' for every setting that differs from the workdir's config.json (a
+    resumed run may change settings that leave the state's shapes alone: learning rate, eval
+    cadence, sampler, ...; the restore refuses the others). Empty without a config.json."""
+    path = epath.Path(workdir) / "config.json"
+    if not path.exists():
+        return []
+    old = _flat(json.loads(path.read_text()))
+    new = _flat(json.loads(config.to_json_best_effort()))
+    old.pop("dataset", None)
+    return [
+        f"{k}: {old.get(k, '(absent)')} -> {new.get(k, '(absent)')}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not k.startswith("dataset.")
+    ]
+
+
+def _flat(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def write_config(workdir, config, *, dataset: dict | None = None) -> None:
     """Saves the resolved config as workdir/config.json (process 0 only).
 

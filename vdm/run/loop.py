@@ -135,6 +135,9 @@ def train(
     writer = writers.create_writer(
         workdir, clock, resume_step=step if restored else None, tensorboard=tensorboard
     )
+    if restored:
+        for change in logs.config_changes(workdir, config):
+            logging.warning("Resuming with a changed setting: %s", change)
     logs.write_config(workdir, config, dataset=data.info_record(run.info))
     logging.info(
         "%s at step %d on %d devices / %d processes.",

@@ -35,17 +35,24 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-flags.DEFINE_string("config", os.path.join(REPO, "configs", "digits.py"), "Config file.")
-flags.DEFINE_integer("steps", 2000, "Training steps of both runs.")
-flags.DEFINE_integer("kill_every", 300, "One SIGKILL at a random step in every this many steps.")
-flags.DEFINE_integer("seed", 0, "Seed of the random kill steps.")
-flags.DEFINE_integer("ckpt_every", 100, "train.ckpt_every of both runs.")
-flags.DEFINE_integer("log_every", 10, "train.log_every of both runs (kill placement).")
-flags.DEFINE_multi_string("set", [], "Further config overrides KEY=VALUE, for both runs.")
-flags.DEFINE_string("workdir", None, "Where the two workdirs go (default: a temporary dir).")
-flags.DEFINE_integer("timeout_s", 1800, "Limit for any one launch.")
-flags.DEFINE_string("out", None, "Also write the markdown report here.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this runs as a script (importing it from
+    the tests beside other experiment scripts must not define --config twice)."""
+    flags.DEFINE_string("config", os.path.join(REPO, "configs", "digits.py"), "Config file.")
+    flags.DEFINE_integer("steps", 2000, "Training steps of both runs.")
+    flags.DEFINE_integer(
+        "kill_every", 300, "One SIGKILL at a random step in every this many steps."
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of the random kill steps.")
+    flags.DEFINE_integer("ckpt_every", 100, "train.ckpt_every of both runs.")
+    flags.DEFINE_integer("log_every", 10, "train.log_every of both runs (kill placement).")
+    flags.DEFINE_multi_string("set", [], "Further config overrides KEY=VALUE, for both runs.")
+    flags.DEFINE_string("workdir", None, "Where the two workdirs go (default: a temporary dir).")
+    flags.DEFINE_integer("timeout_s", 1800, "Limit for any one launch.")
+    flags.DEFINE_string("out", None, "Also write the markdown report here.")
 
 
 def kill_steps(steps: int, kill_every: int, seed: int) -> list[int]:
@@ -312,4 +319,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -94,6 +94,25 @@ def set_context(describe: Callable[[], str] | None) -> None:
         _context.append(describe)
 
 
+def publish_failure(summary: str) -> None:
+    """Records why this process is failing where the other processes' fault messages can quote
+    it (a no-op for a single process; best effort: the service may be gone)."""
+    client = _client() if jax.process_count() > 1 else None
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.key_value_set(_REASON_KEY.format(jax.process_index()), summary[:2000])
+
+
+def peer_failures() -> str:
+    """'; process P reported: REASON' for every other process that published why it failed
+    (empty for a single process, or when none did)."""
+    client = _client() if jax.process_count() > 1 else None
+    if client is None:
+        return ""
+    others = [p for p in range(jax.process_count()) if p != jax.process_index()]
+    return "".join(f"; process {p} reported: {r}" for p in others if (r := _reason(client, p)))
+
+
 def _client():
     from jax._src import distributed as jax_distributed
 
@@ -183,8 +202,17 @@ def fail_together():
             _client().wait_at_barrier("vdm_job_done", _timeouts["shutdown"] * 1000)
             _finished.set()
             _shutdown_in_order()
+    except SystemExit as e:
+        if jax.process_count() == 1 or e.code in (0, None):
+            raise
+        # The job ended with its one message (vdm.main.fail, which published it): leave now,
+        # skipping the shutdown barrier that the other processes, still working, never reach.
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code if isinstance(e.code, int) else EXIT_FAILED)
     except BaseException as e:
-        if jax.process_count() == 1 or isinstance(e, SystemExit | KeyboardInterrupt):
+        if jax.process_count() == 1 or isinstance(e, KeyboardInterrupt):
             raise
         _fail(e)
 
@@ -221,7 +249,7 @@ def _is_runtime_error(error: BaseException) -> bool:
 
 
 def _fail(error: BaseException) -> None:
-    me, client = jax.process_index(), _client()
+    me = jax.process_index()
     summary = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     if _is_runtime_error(error):
         # Most likely a collective that failed because a peer went away: the service's verdict
@@ -231,9 +259,7 @@ def _fail(error: BaseException) -> None:
         time.sleep(wait)  # the watcher thread exits the process first if a peer is lost
         _exit(f"Process {me} failed: {summary}. {_context_line()}")
     logging.exception("Process %d failed.", me)
-    if client is not None:
-        with contextlib.suppress(Exception):  # best effort: the service may be gone
-            client.key_value_set(_REASON_KEY.format(me), summary[:2000])
+    publish_failure(summary)
     _exit(
         f"Process {me} of {jax.process_count()} failed: {summary}. The other processes stop "
         f"within {_timeouts['heartbeat']} s. {_context_line()} Relaunch all processes with the "

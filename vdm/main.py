@@ -62,7 +62,12 @@ def fail(err: BaseException, verbose: bool, what: str = "") -> None:
     if "Failed loading config file" in str(err):  # ml_collections: the file's error is last
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         err, what = OSError(f"the config file does not load: {lines[-1]}"), "--config: "
-    sys.stderr.write(f"vdm.main: error: {what}{_message(err)}\n(--verbose shows the traceback)\n")
+    text = f"{what}{_message(err)}"
+    distributed = sys.modules.get("vdm.distributed")  # imported once main has started
+    if distributed is not None:  # several processes: say what the others reported, and
+        text += distributed.peer_failures()  # publish this for their messages to quote
+        distributed.publish_failure(text)
+    sys.stderr.write(f"vdm.main: error: {text}\n(--verbose shows the traceback)\n")
     sys.exit(1)
 
 

@@ -133,6 +133,10 @@ class Checkpoints:
         best = {}
         if metrics and BEST_METRIC in metrics:
             best = {BEST_METRIC: float(metrics[BEST_METRIC])}
+        if self._pending is not None:  # a failure of the previous save is reported as its own
+            with self._saving(self._pending):
+                self._mngr.wait_until_finished()
+            self._pending = None
         with self._saving(step):
             self._mngr.save(
                 step,
@@ -154,10 +158,9 @@ class Checkpoints:
         except CheckpointSaveError:
             raise
         except Exception as e:  # noqa: BLE001 - OSError, tensorstore's ValueError, ...
-            failed = self._pending if self._pending is not None else step
             self._pending = None
             raise CheckpointSaveError(
-                f"Saving checkpoint step {failed} to {self.directory} failed: "
+                f"Saving checkpoint step {step} to {self.directory} failed: "
                 f"{type(e).__name__}: {e}. {self.describe_latest()} (its unfinished temporary "
                 "directory is not among the finalised steps and is removed at the next start)."
             ) from e

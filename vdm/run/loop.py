@@ -62,6 +62,7 @@ class PreemptionFlag:
 
     def __init__(self):
         self._requested = False
+        self._stopping = False  # the run agreed to stop for a preemption
         self._previous = None
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -70,6 +71,9 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame):
         del signum, frame
+        if self._stopping:
+            logging.warning("SIGTERM received while exiting after the preemption checkpoint.")
+            return
         logging.warning("SIGTERM received: checkpointing and exiting at the next step.")
         self._requested = True
 
@@ -77,15 +81,19 @@ class PreemptionFlag:
         """Whether to stop now. With several processes all must agree, so the flag is only
         exchanged (a collective) at steps where every process calls with sync=True."""
         if jax.process_count() == 1:
-            return self._requested
-        if not sync:
+            stop = self._requested
+        elif not sync:
             return False
-        flags = multihost_utils.process_allgather(np.int32(self._requested))
-        return bool(np.any(flags))
+        else:
+            stop = bool(np.any(multihost_utils.process_allgather(np.int32(self._requested))))
+        self._stopping = self._stopping or stop
+        return stop
 
     def restore(self) -> None:
-        """Reinstates the previous SIGTERM handler."""
-        if self._previous is not None:
+        """Reinstates the previous SIGTERM handler, unless the run is stopping for a
+        preemption: a pod's processes are told at slightly different times, and one told
+        after the agreed checkpoint must still finish its exit (0) rather than die of it."""
+        if self._previous is not None and not self._stopping:
             signal.signal(signal.SIGTERM, self._previous)
 
 

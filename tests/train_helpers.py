@@ -4,9 +4,12 @@ The tiny setup is a 2-d Gaussian with a one-block MLP, so a subprocess compiles 
 a few seconds; every key is a schema key set through --config overrides, as a user would.
 """
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -244,3 +247,39 @@ def gaussian_oracle(dim: int) -> GaussianOracle:
     return GaussianOracle(
         tuple(np.asarray(dist.mean).tolist()), tuple(map(tuple, dist.cov.tolist()))
     )
+
+
+@contextlib.contextmanager
+def _suite_lock(tmp_path_factory, name: str):
+    """The folder every pytest-xdist worker of this run shares, locked for `name` (the first
+    worker to get here builds; the others wait, then reuse what it built)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base temp folders share this parent
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield root
+
+
+def computed_once(tmp_path_factory, name: str, compute):
+    """compute()'s JSON-serialisable value, computed once per test run however the tests that
+    need it are spread over workers (a module fixture runs once per worker)."""
+    with _suite_lock(tmp_path_factory, name) as root:
+        path = root / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        value = compute()
+        path.write_text(json.dumps(value))
+        return value
+
+
+def workdir_once(tmp_path_factory, name: str, build) -> Path:
+    """A workdir that build(workdir) fills once per test run, shared by every worker; tests
+    must only read it (or copy it)."""
+    with _suite_lock(tmp_path_factory, name) as root:
+        workdir, done = root / name, root / f"{name}.built"
+        if not done.exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # an earlier worker's failed build
+            build(workdir)
+            done.touch()
+        return workdir

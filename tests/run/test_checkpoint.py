@@ -81,10 +81,9 @@ def test_retention_donation_and_corruption_fallback(tmp_path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted single-device run: its workdir."""
-    workdir = tmp_path_factory.mktemp("reference")
-    th.run_main(workdir, *th.overrides(**RUN))
-    return workdir
+    """An uninterrupted single-device run: its workdir (built once for the whole test run)."""
+    build = lambda workdir: th.run_main(workdir, *th.overrides(**RUN))
+    return th.workdir_once(tmp_path_factory, "checkpoint_reference", build)
 
 
 def _last_logged_step(workdir) -> int:

@@ -18,9 +18,10 @@ RUN = dict(
 
 @pytest.fixture(scope="module")
 def single_device(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("one_device")
-    th.run_main(workdir, *th.overrides(**RUN))
-    return workdir
+    # Built once for the whole run, even when pytest-xdist spreads these tests over workers.
+    return th.workdir_once(
+        tmp_path_factory, "multiprocess_one_device", lambda w: th.run_main(w, *th.overrides(**RUN))
+    )
 
 
 def _assert_same_run(workdir, reference, rtol=2e-5):

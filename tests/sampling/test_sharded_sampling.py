@@ -12,8 +12,11 @@ import subprocess
 import sys
 
 import pytest
+import train_helpers as th
 
-pytestmark = pytest.mark.slow  # every test here reads the results of one subprocess
+# Every test here reads the results of one subprocess: with `--dist loadgroup` (as .ci/run and
+# the README run pytest-xdist) they all go to one worker, so the other is never left waiting.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sharded_sampling")]
 
 CHILD = r"""
 import json
@@ -123,8 +126,7 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-@pytest.fixture(scope="module")
-def results():
+def _run_child() -> dict:
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")  # fmt: skip
     proc = subprocess.run(
@@ -133,6 +135,12 @@ def results():
     assert proc.returncode == 0, proc.stderr[-8000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
     return json.loads(line[len("RESULTS ") :])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    # One child for the whole run, even when pytest-xdist spreads these tests over workers.
+    return th.computed_once(tmp_path_factory, "sharded_sampling", _run_child)
 
 
 NEW = ["odeheunlog_snr", "dpm_solver2", "dpm_solver3"]  # the solvers in log-SNR time

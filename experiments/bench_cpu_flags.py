@@ -16,6 +16,7 @@ model.dtype=bfloat16 computes); `bf16_f32acc` (bf16 in, preferred_element_type=f
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -128,9 +129,8 @@ def main(argv) -> None:
         cells = []
         for o in ops:
             for d in DTYPES:
-                vals = sorted(r[f"{o}/{d}"] for r in good)
-                ratios = sorted(r[f"{o}/{d}"] / r[f"{o}/f32"] for r in good)
-                med, rat = vals[len(vals) // 2], ratios[len(ratios) // 2]
+                med = statistics.median(r[f"{o}/{d}"] for r in good)
+                rat = statistics.median(r[f"{o}/{d}"] / r[f"{o}/f32"] for r in good)
                 cells.append(f"{med:.0f}" if d == "f32" else f"{med:.0f} ({rat:.2f}x)")
         print(f"| {name} | " + " | ".join(cells) + " |")
     if "out" in opts:

@@ -57,6 +57,19 @@ flags.DEFINE_integer("sample_num", 8, "Images per sampler call.")
 flags.DEFINE_list("depths", [], "CIFAR-10 depths whose train-step compile time to report.")
 flags.DEFINE_bool("profile", True, "Profile one step of the first variant (time by op kind).")
 flags.DEFINE_bool("ceiling", True, "Time a lone conv and its gradients vs the matmul.")
+flags.DEFINE_float(
+    "peak_flops",
+    0.0,
+    "Peak FLOP/s of one device for model FLOP utilisation (MFU = XLA's FLOPs per step / step "
+    "time / this); 0 = the data-sheet dense bf16 peak of a known GPU/TPU "
+    "(experiments/bench/costs.py PEAK_BF16_FLOPS), none on a CPU.",
+)
+flags.DEFINE_bool(
+    "eval_each",
+    False,
+    "Also time the ELBO evaluation of every variant (its record's 'eval'), right after its "
+    "train steps, for A/B comparisons of evaluation in one run.",
+)
 flags.DEFINE_string("out", os.path.join(HERE, "results", "benchmark"), "Output path stem.")
 flags.DEFINE_string(
     "readme",
@@ -96,6 +109,8 @@ def main(argv):
         "config": config.to_dict(),
         "train": {},
     }
+    peak = FLAGS.peak_flops or costs.stated_peak_flops(jax.devices()[0].device_kind)
+    record["environment"]["peak_flops"] = peak
     first = None
     for i, name in enumerate(FLAGS.variants):
         cfg = configs.with_overrides(config, configs.VARIANTS[name])
@@ -107,6 +122,12 @@ def main(argv):
             # a scanned network's FLOPs come from the unrolled f32 variant (the same math;
             # remat's recomputation is then not counted).
             _rescale_flops(rec, record["train"]["f32"]["flops_per_step"])
+        # XLA's FLOPs are those of the compiled (per-device, under SPMD) program.
+        rec["mfu"] = rec["achieved_flops"] / peak if peak and rec["achieved_flops"] else None
+        if FLAGS.eval_each:
+            rec["eval"] = throughput.measure_eval(
+                run, state.params, steps=3, budget_s=FLAGS.budget_s
+            )
         if "time_breakdown" in rec:
             record["time_breakdown"] = rec.pop("time_breakdown")
         record["train"][name] = rec

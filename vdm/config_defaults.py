@@ -89,6 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = False  # rematerialise blocks (memory for compute)
     c.model.dtype = "float32"  # compute dtype: float32|bfloat16 (params stay float32)
     c.model.conv_grad = "xla"  # xla|patches: patches = hand-written 3x3 conv backward, fast on CPU
+    # softmax|deferred_norm: deferred_norm divides by the row sums after the value matmul (same
+    # function; see vdm/nets/layers.py AttentionBlock and experiments/results/perf_attempts.md)
+    c.model.attention = "softmax"
 
     # Noise schedule gamma(t) = -log SNR(t): see vdm/schedules.py.
     c.schedule = ml_collections.ConfigDict()

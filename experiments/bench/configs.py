@@ -20,6 +20,8 @@ VARIANTS = {
     "remat": {"model.remat": True},
     "scan_remat": {"model.scan": True, "model.remat": True},
     "steps4": {"train.steps_per_call": 4},
+    "deferred": {"model.attention": "deferred_norm"},
+    "bf16_deferred": {"model.dtype": "bfloat16", "model.attention": "deferred_norm"},
 }
 
 

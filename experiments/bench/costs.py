@@ -17,6 +17,31 @@ import numpy as np
 from vdm import parallel
 from vdm.run.setup import KeyStream, Run, build_run
 
+# Dense (no sparsity) bf16 tensor peak FLOP/s per device, by a substring of device_kind
+# (vendors' data sheets; first match wins, so the more specific names come first).
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989.4e12),  # SXM
+    ("H200", 989.4e12),
+    ("GH200", 989.4e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+)
+
+
+def stated_peak_flops(device_kind: str) -> float | None:
+    """The data-sheet dense bf16 peak FLOP/s of one device of this kind, or None if unknown
+    (CPUs: pass --peak_flops)."""
+    for name, peak in PEAK_BF16_FLOPS:
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
 
 def flops_of(compiled) -> float | None:
     """Total FLOPs from XLA's cost analysis (a dict, or a list of one dict in older jax)."""

@@ -23,15 +23,16 @@ def train_table(rows: dict) -> str:
     """The train-step table: one row per variant of `measure_train` records."""
     lines = [
         "| variant | compile (s) | step (ms) | images/s | GFLOP/step | GFLOP/s | "
-        "matmul GFLOP/s | of matmul | temp MiB | args MiB | device peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "matmul GFLOP/s | of matmul | MFU | temp MiB | args MiB | device peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['compile_s']:.1f} | {1e3 * r['step_s']:.0f} | "
             f"{r['images_per_s']:.1f} | {_fmt(r['flops_per_step'], 1e-9)} | "
             f"{_fmt(r['achieved_flops'], 1e-9)} | {r['matmul_flops'] * 1e-9:.0f} | "
-            f"{_fmt(r['fraction_of_matmul'], 100, 0, '%')} | {_mib(r.get('temp_bytes'))} | "
+            f"{_fmt(r['fraction_of_matmul'], 100, 0, '%')} | {_fmt(r.get('mfu'), 100, 1, '%')} | "
+            f"{_mib(r.get('temp_bytes'))} | "
             f"{_mib(r.get('argument_bytes'))} | {_mib(r.get('device_peak_bytes'))} |"
         )
     return "\n".join(lines)
@@ -45,7 +46,9 @@ def markdown(record: dict) -> str:
         f"{env['date']}; {env['devices']} x {env['device_kind']} ({env['platform']}), "
         f"{env['cpu_count']} host cores, jax {env['jax']}. Config: {record['config_name']} "
         f"({env['model']}). Allocator: {env.get('allocator', 'n/a')}; XLA_FLAGS: "
-        f"`{env.get('xla_flags') or 'none'}`. Medians of block_until_ready-ended steps after a "
+        f"`{env.get('xla_flags') or 'none'}`. MFU: XLA's FLOPs per step / step time / "
+        f"{_fmt(env.get('peak_flops'), 1e-12, 0, ' TFLOP/s')} per device (stated peak; "
+        "n/a on a CPU without --peak_flops). Medians of block_until_ready-ended steps after a "
         "warm-up; FLOPs from XLA's cost analysis; 'of matmul' is the median over steps of the "
         "step's FLOP/s divided by that of a 2048^2 float32 matmul timed right after it (a "
         "shared machine drifts). Scanned variants: XLA counts a loop body once, so their FLOPs "

@@ -30,6 +30,7 @@ from vdm.nets.group_norm import GroupNorm
 
 Dtype = Any
 CONV_GRADS = ("xla", "patches")
+ATTENTIONS = ("softmax", "deferred_norm")
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
@@ -200,16 +201,46 @@ class ResnetBlock(nn.Module):
         return x + h
 
 
+def deferred_norm_attention(logits, v, dtype):
+    """softmax(logits) @ v with the normalisation applied after the value matmul.
+
+    p = exp(l - stop_gradient(max_k l)), out = (p @ v) / sum_k p. The same function as the
+    softmax form (the max is only a shift, constant for the gradient), but the division and its
+    gradient run on the [B, q, h, d] output rather than on the [B, h, q, k] weights.
+
+    Args:
+      logits: float32 [B, h, q, k] (already scaled).
+      v: [B, k, h, d] values.
+      dtype: dtype of the value matmul's inputs.
+
+    Returns:
+      [B, q, h, d] in `dtype`.
+    """
+    shift = lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    p = jnp.exp(logits - shift)
+    denom = jnp.sum(p, axis=-1)  # [B, h, q]
+    out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(dtype), v, preferred_element_type=jnp.float32)
+    return (out / denom.transpose(0, 2, 1)[..., None]).astype(dtype)
+
+
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over all pixels, residual, zero-initialised output projection."""
+    """Multi-head self-attention over all pixels, residual, zero-initialised output projection.
+
+    attention: "softmax" normalises the weights before the value matmul (the published form);
+    "deferred_norm" divides the output by the row sums after it (`deferred_norm_attention`,
+    the same function to float rounding, with the same parameters).
+    """
 
     num_heads: int = 1
     norm_groups: int = 32
     dtype: Dtype = jnp.float32
+    attention: str = "softmax"
 
     @nn.compact
     def __call__(self, x):
         batch, height, width, channels = x.shape
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"Unknown attention {self.attention!r}; use one of {ATTENTIONS}.")
         if channels % self.num_heads:
             raise ValueError(f"{channels} channels do not split into {self.num_heads} heads.")
         head_dim = channels // self.num_heads
@@ -222,8 +253,11 @@ class AttentionBlock(nn.Module):
         q, k, v = qkv
         # Softmax in float32: bf16 logits over 1024+ positions lose the small weights.
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        if self.attention == "deferred_norm":
+            out = deferred_norm_attention(logits, v, self.dtype)
+        else:
+            weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         out = nn.DenseGeneral(
             channels,
             axis=(-2, -1),

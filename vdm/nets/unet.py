@@ -80,6 +80,7 @@ class UNet(nn.Module):
     remat: bool = False
     conv_grad: str = "xla"
     dtype: str = "float32"
+    attention: str = "softmax"  # softmax|deferred_norm (layers.AttentionBlock)
     # The published form eps_hat = out + z_t (see vdm/nets/base_measure.py); the
     # parameterisation picks the base of other predicted quantities.
     base_measure: bool = False
@@ -117,7 +118,9 @@ class UNet(nn.Module):
         def maybe_attention(h, name):
             if h.shape[1] not in self.attn_resolutions:
                 return h
-            return attention_cls(self.num_heads, self.norm_groups, dtype, name=name)(h)
+            return attention_cls(
+                self.num_heads, self.norm_groups, dtype, self.attention, name=name
+            )(h)
 
         h = jnp.concatenate([z, fourier_features(z, self.fourier_min, self.fourier_max)], -1)
         h = Conv3x3(self.n_embd, **conv, name="conv_in")(h.astype(dtype))
@@ -132,7 +135,9 @@ class UNet(nn.Module):
                 skips.append(h)
 
         h = resnet(h, None, "mid_resnet_1")
-        h = attention_cls(self.num_heads, self.norm_groups, dtype, name="mid_attention")(h)
+        h = attention_cls(
+            self.num_heads, self.norm_groups, dtype, self.attention, name="mid_attention"
+        )(h)
         h = resnet(h, None, "mid_resnet_2")
 
         for level in reversed(range(levels)):

@@ -51,6 +51,7 @@ class DownBlock(nn.Module):
     train: bool
     conv_grad: str
     dtype: Any
+    attention: str
 
     @nn.compact
     def __call__(self, h, cond):
@@ -64,7 +65,9 @@ class DownBlock(nn.Module):
             name="resnet",
         )(h, cond)
         if self.with_attention:
-            h = AttentionBlock(self.num_heads, self.norm_groups, self.dtype, name="attention")(h)
+            h = AttentionBlock(
+                self.num_heads, self.norm_groups, self.dtype, self.attention, name="attention"
+            )(h)
         return h, h
 
 
@@ -79,6 +82,7 @@ class UpBlock(nn.Module):
     train: bool
     conv_grad: str
     dtype: Any
+    attention: str
 
     @nn.compact
     def __call__(self, h, skip, cond):
@@ -92,7 +96,9 @@ class UpBlock(nn.Module):
             name="resnet",
         )(concat_channels(h, skip), cond)
         if self.with_attention:
-            h = AttentionBlock(self.num_heads, self.norm_groups, self.dtype, name="attention")(h)
+            h = AttentionBlock(
+                self.num_heads, self.norm_groups, self.dtype, self.attention, name="attention"
+            )(h)
         return h, None
 
 
@@ -120,6 +126,7 @@ class VDMUNet(nn.Module):
     remat: bool = False
     conv_grad: str = "xla"
     dtype: str = "float32"
+    attention: str = "softmax"  # softmax|deferred_norm (layers.AttentionBlock)
     # The published form eps_hat = out + z_t (see vdm/nets/base_measure.py); the
     # parameterisation picks the base of other predicted quantities.
     base_measure: bool = False
@@ -152,6 +159,7 @@ class VDMUNet(nn.Module):
             train=train,
             conv_grad=self.conv_grad,
             dtype=dtype,
+            attention=self.attention,
         )
         stack = dict(shared=(emb,), scan=self.scan, remat=self.remat)
         h_in = h
@@ -169,7 +177,9 @@ class VDMUNet(nn.Module):
             dtype=dtype,
         )
         h = ResnetBlock(name="mid_resnet_1", **res)(h, emb)
-        h = AttentionBlock(self.num_heads, self.norm_groups, dtype, name="mid_attention")(h)
+        h = AttentionBlock(
+            self.num_heads, self.norm_groups, dtype, self.attention, name="mid_attention"
+        )(h)
         h = ResnetBlock(name="mid_resnet_2", **res)(h, emb)
 
         h, _ = apply_stack(UpBlock, block_kwargs, self.n_layers + 1, "up", h, skips, **stack)

@@ -141,7 +141,8 @@ def check_inception_arrays(arrays: dict[str, Any], path: str) -> None:
     wrong = [f"{k} {arrays[k].shape} (want {want[k]})" for k in common
              if tuple(arrays[k].shape) != want[k]]  # fmt: skip
     if missing or wrong:
-        listed = ", ".join((missing + wrong)[:4]) + (", ..." if len(missing + wrong) > 4 else "")
+        bad = wrong + missing
+        listed = ", ".join(bad[:4]) + (", ..." if len(bad) > 4 else "")
         raise UserError(
             f"sample.metrics.inception.weights={path} is not an Inception-v3 FID weights file "
             f"({len(missing)} arrays missing, {len(wrong)} of the wrong shape: {listed}); "

@@ -95,9 +95,11 @@ def markdown(rows, floor, meta) -> str:
         std = "-" if r["fid_std"] is None else f"{r['fid_std']:.2f}"
         lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['seconds']:.2f} | "
                      f"{r['fid']:.2f} | {std} | {r['kid']:.1f} |")  # fmt: skip
-    band = ref["fid"] + 2 * (ref["fid_std"] or 0.0)
-    lines += ["", f"At most 2 seed std above {ref['steps']}-step ancestral (FID <= {band:.2f}), "
-              "fewest NFE first:", ""]  # fmt: skip
+    # With one reference seed its spread is unknown: the real-digits floor's std stands in.
+    std, what = (ref["fid_std"], "seed") if ref["fid_std"] else (floor[1], "noise-floor")
+    band = ref["fid"] + 2 * std
+    lines += ["", f"At most 2 {what} std above {ref['steps']}-step ancestral "
+              f"(FID <= {band:.2f}), fewest NFE first:", ""]  # fmt: skip
     hits = sorted((r for r in rows if r["fid"] <= band), key=lambda r: r["nfe"])
     lines += [f"- {r['sampler']}, {r['steps']} steps: NFE {r['nfe']}, FID {r['fid']:.2f}"
               for r in hits] or ["- none"]  # fmt: skip

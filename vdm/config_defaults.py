@@ -16,6 +16,7 @@ import ml_collections
 
 from vdm import data, estimators, optim
 from vdm.core import losses, schedules
+from vdm.metrics import features
 from vdm.registry import Registry
 from vdm.sampling import samplers
 
@@ -182,6 +183,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.label = -1  # class to sample for guided models (-1: cycle over classes)
     # Each sampler's options: sample.ddim.eta, sample.ode.{solver, rtol, atol, ...}, ...
     add_part_options(c.sample, samplers.SAMPLERS)
+    # Sample quality (--mode=sample, --mode=reference_stats; vdm/run/sample_metrics.py):
+    # FID and KID of the samples against the reference split in the features of a FEATURES
+    # network (vdm/metrics/features.py), and for guided samples of a class-conditional model
+    # the classifier's accuracy on the classes asked for. One JSON line per call goes to
+    # workdir/sample_metrics.jsonl; the feature network and the reference features are
+    # cached in workdir/metrics/.
+    m = c.sample.metrics = ml_collections.ConfigDict()
+    m.enabled = False
+    m.features = "digits_classifier"  # digits_classifier (no download) | inception
+    m.split = "eval"  # the reference: eval (the dataset's test split) | train
+    m.max_reference = -1  # the reference split's first N examples; -1 = all
+    m.kid_subsets = 10  # KID: random subsets averaged
+    m.kid_subset_size = 1000  # KID: examples per subset (capped at the smaller set)
+    # sample.metrics.digits_classifier.{hidden, feature_dim, steps, learning_rate, ...},
+    # sample.metrics.inception.{weights (a local .npz: README "Sample quality"), batch_size}:
+    add_part_options(m, features.FEATURES)
     return c
 
 

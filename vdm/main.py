@@ -3,6 +3,8 @@
   python -m vdm.main --config=configs/digits.py --workdir=runs/digits
   python -m vdm.main --config=configs/cifar10.py --workdir=DIR --config.optim.learning_rate=1e-4
   python -m vdm.main --config=configs/digits.py --workdir=runs/digits --mode=eval
+  python -m vdm.main --config=configs/digits.py --workdir=runs/digits --mode=sample \
+      --config.sample.metrics.enabled=true
 
 Configs are locked: overriding a key that does not exist fails while parsing flags. A problem
 with what was asked for (a misspelt key, a missing config or data file, an unprepared dataset,
@@ -22,7 +24,13 @@ config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant].", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, outputs).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "sample", "reference_stats"],
+    "What to do (reference_stats: cache the feature network and the reference split's "
+    "features for sample.metrics).",
+)
 flags.DEFINE_bool("tensorboard", True, "Also write TensorBoard summaries (needs tensorboard).")
 flags.DEFINE_string(
     "coordinator_address",
@@ -125,10 +133,14 @@ def _run_mode():
             from vdm.run import evaluate
 
             evaluate.evaluate_checkpoint(run, FLAGS.workdir)
-        else:
+        elif FLAGS.mode == "sample":
             from vdm.run import sample
 
             sample.sample_checkpoint(run, FLAGS.workdir)
+        else:
+            from vdm.run import sample_metrics
+
+            sample_metrics.write_reference_stats(run, FLAGS.workdir)
     except (UserError, FloatingPointError) as err:  # NonFiniteError; others are bugs
         fail(err, FLAGS.verbose)
 

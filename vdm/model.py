@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vdm.core import losses, schedules, time_proposals
 from vdm.core.schedules import Schedule
@@ -253,6 +254,15 @@ class DiffusionModel:
         """(gamma_0, gamma_1) of the schedule under `params`."""
         return schedules.endpoints(self.schedule, params["schedule"])
 
+    def sample_labels(self, spec: SamplerSpec) -> np.ndarray | None:
+        """The class each of spec.num samples is drawn for (int32 [num]); None when the model
+        is unconditional. Cycles over the classes unless spec.label fixes one."""
+        if not self.num_classes:
+            return None
+        if spec.label < 0:
+            return (np.arange(spec.num) % self.num_classes).astype(np.int32)
+        return np.full((spec.num,), spec.label, np.int32)
+
     def sample(self, params, key, spec: SamplerSpec, *, batch_sharding=None):
         """Draws spec.num samples with spec's sampler, steps, options and guidance.
 
@@ -262,12 +272,7 @@ class DiffusionModel:
         num = spec.num
         cond = null_cond = None
         if self.num_classes:
-            labels = (
-                jnp.arange(num) % self.num_classes
-                if spec.label < 0
-                else jnp.full((num,), spec.label)
-            )
-            cond = {"label": labels.astype(jnp.int32)}
+            cond = {"label": jnp.asarray(self.sample_labels(spec))}
             null_cond = {"label": jnp.full((num,), self.num_classes, jnp.int32)}
         if self.cond_aug:
             zeros = jnp.zeros((num,), jnp.float32)  # samples from the un-augmented model

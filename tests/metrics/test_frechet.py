@@ -28,3 +28,21 @@ def test_kid_is_near_zero_for_one_law_and_positive_for_two():
     same, _ = frechet.kid(_feats(0), _feats(1), subset_size=200)
     diff, _ = frechet.kid(_feats(0), _feats(1, shift=1.0), subset_size=200)
     assert abs(same) < 0.05 < diff
+
+
+def test_few_examples_in_many_dimensions_give_the_covariance_route_value():
+    # N < d takes the nuclear-norm route; the d x d eigendecomposition route is the reference.
+    a, b = _feats(0, n=20, d=50), _feats(1, n=30, d=50, shift=0.3)
+    want = frechet.frechet_distance(*frechet.gaussian_stats(a), *frechet.gaussian_stats(b))
+    # rtol 1e-6: the reference takes roots of rank-deficient covariances' ~0 eigenvalues.
+    np.testing.assert_allclose(frechet.fid(a, b), want, rtol=1e-6)
+    np.testing.assert_allclose(frechet.fid(b, a), want, rtol=1e-6)
+    assert frechet.fid(a, a) < 1e-8
+
+
+def test_frechet_distance_matches_closed_form_for_rotated_gaussians():
+    # S1 = I and S2 = Q diag(l) Q^T commute, so tr(S1 + S2 - 2 (S1 S2)^(1/2)) = sum (1 - sqrt l)^2.
+    q, _ = np.linalg.qr(np.random.default_rng(3).normal(size=(5, 5)))
+    lam = np.array([0.1, 0.5, 1.0, 2.0, 7.0])
+    got = frechet.frechet_distance(np.zeros(5), np.eye(5), np.ones(5), (q * lam) @ q.T)
+    np.testing.assert_allclose(got, 5.0 + np.sum((1.0 - np.sqrt(lam)) ** 2), rtol=1e-10)

@@ -30,6 +30,9 @@ def draw_samples(run: Run, params, *, key=None, spec: SamplerSpec | None = None)
 def sample_checkpoint(run: Run, workdir) -> str:
     """Samples (config.sample) from the latest checkpoint; writes samples_<step>.png/.npy.
 
+    With sample.metrics.enabled it also scores them (vdm/run/sample_metrics.py) and appends
+    one JSON record to workdir/sample_metrics.jsonl.
+
     The name also holds the sampler and steps, and for a class-conditional model a guidance
     weight other than the default 1 (conditional) as _w<guidance>.
 
@@ -37,17 +40,25 @@ def sample_checkpoint(run: Run, workdir) -> str:
       The path of the PNG.
     """
     state, step = restore_latest(run, workdir)
-    samples = draw_samples(run, run.eval_params(state))
     s = run.sampler
     name = f"samples_{step}_{s.sampler}_{s.steps}"
     if run.model.num_classes and s.guidance != 1.0:  # 1 (conditional) is the default
         name += f"_w{s.guidance:g}"
     path = str(epath.Path(workdir) / f"{name}.png")
-    if jax.process_index() == 0:
-        pictures.save_samples(path, samples, run.info.vocab_size)
-        np.save(path[:-4] + ".npy", samples)
-        print(f"Wrote {len(samples)} samples from step {step} to {path}")
-    logging.info("Sampled %d examples with %s (%d steps).", len(samples), s.sampler, s.steps)
+
+    def write(samples):
+        if jax.process_index() == 0:
+            pictures.save_samples(path, samples, run.info.vocab_size)
+            np.save(path[:-4] + ".npy", samples)
+            print(f"Wrote {len(samples)} samples from step {step} to {path}")
+        logging.info("Sampled %d examples with %s (%d steps).", len(samples), s.sampler, s.steps)
+
+    if run.config.sample.metrics.enabled:
+        from vdm.run import sample_metrics  # the feature networks load only when asked for
+
+        sample_metrics.sample_record(run, workdir, state, step, write)
+    else:
+        write(draw_samples(run, run.eval_params(state)))
     return path
 
 

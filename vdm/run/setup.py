@@ -20,6 +20,7 @@ import optax
 from vdm import data, nets, optim, parallel
 from vdm.core import schedules
 from vdm.estimators import ESTIMATORS
+from vdm.metrics.features import FEATURES
 from vdm.model import DiffusionModel, Objective, SamplerSpec, TimeProposal
 from vdm.registry import Registry
 from vdm.run.checkpoint import Checkpoints
@@ -132,6 +133,17 @@ def sampler_spec(sample_config: ml_collections.ConfigDict) -> SamplerSpec:
     )
     SAMPLERS.check(spec.sampler, spec.options)
     return spec
+
+
+def check_sample_metrics(metrics_config: ml_collections.ConfigDict) -> None:
+    """Fails when the run is assembled on a wrong sample.metrics feature network, option or
+    split, not after a checkpoint was restored and sampled from."""
+    FEATURES.check(metrics_config.features, part_options(metrics_config, metrics_config.features))
+    if metrics_config.split not in data.EVAL_SPLITS:
+        raise ValueError(
+            f"sample.metrics.split={metrics_config.split!r}; use one of "
+            f"{', '.join(data.EVAL_SPLITS)}."
+        )
 
 
 CONDITIONS = ("label", "null")
@@ -274,6 +286,7 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         raise ValueError(
             f"eval.split={config.eval.split!r}; use one of {', '.join(data.EVAL_SPLITS)}."
         )
+    check_sample_metrics(config.sample.metrics)
     model = build_diffusion_model(config, dataset.info)
     o = config.optim
     optimizer = call_with(optim.make_optimizer, o, options=part_options(o, o.name))

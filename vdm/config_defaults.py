@@ -92,14 +92,17 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Noise schedule gamma(t) = -log SNR(t): see vdm/schedules.py.
     c.schedule = ml_collections.ConfigDict()
-    c.schedule.type = "learned_linear"  # fixed_linear|learned_linear|learned_net|cosine|ddpm
+    # fixed_linear|learned_linear|learned_net|cosine|ddpm|multivariate (one learned gamma per
+    # element: schedule.multivariate.per=per_pixel|per_channel, n_basis, learn_endpoints)
+    c.schedule.type = "learned_linear"
     c.schedule.gamma_min = -13.3
     c.schedule.gamma_max = 5.0
     # elbo|variance: variance = paper's variance-minimising rule for the shape (endpoints keep
     # ELBO gradients; continuous time only). Under any loss.type the schedule is trained by
     # the ELBO (or this rule); loss.type chooses what trains the network.
     c.schedule.grad = "elbo"
-    # schedule.learned_net.{n_features, pin_endpoints}, schedule.ddpm.beta_min:
+    # schedule.learned_net.{n_features, pin_endpoints}, schedule.ddpm.beta_min,
+    # schedule.multivariate.{per, n_basis, learn_endpoints}:
     add_part_options(c.schedule, schedules.SCHEDULES)
 
     # Training objective: see vdm/losses.py. The ELBO is always reported.

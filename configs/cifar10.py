@@ -14,11 +14,11 @@ hardware and time it takes. `:small` is a 64-channel, 8-layer net for smoke test
 performance target (it does not target the published number).
 """
 
-from vdm.config_defaults import base_config, finalize
+from vdm.config_defaults import base_config, finalize, with_improved_objective
 
 
 def get_config(arg=None):
-    """CIFAR-10 config; arg None (paper) or 'small'."""
+    """CIFAR-10 config; arg None (paper), 'small' or 'improved' (paper + best objective)."""
     c = base_config()
     c.seed = 1
     c.data.name = "cifar10"
@@ -54,6 +54,10 @@ def get_config(arg=None):
         c.model.n_embd, c.model.n_layers = 64, 8
         c.data.batch_size = 32
         c.train.num_steps = 100_000
+    elif arg == "improved":
+        with_improved_objective(c)
     elif arg is not None:
-        raise ValueError(f"Unknown cifar10 variant {arg!r}; use configs/cifar10.py[:small].")
+        raise ValueError(
+            f"Unknown cifar10 variant {arg!r}; use configs/cifar10.py[:small|:improved]."
+        )
     return finalize(c)

@@ -21,12 +21,13 @@ the better starting point that the slow EMA still remembers (experiments/base_me
 experiments/results/base_measure.md).
 """
 
-from vdm.config_defaults import base_config, finalize
+from vdm.config_defaults import base_config, finalize, with_improved_objective
 
 
 def get_config(arg=None):
-    """The digits config; `arg` is unused (kept for the common get_config(arg) signature)."""
-    del arg
+    """The digits config; arg None (the VDM objective) or 'best' (the best measured one)."""
+    if arg not in (None, "best"):
+        raise ValueError(f"Unknown digits variant {arg!r}; use configs/digits.py[:best].")
     c = base_config()
     c.data.name = "digits"
     c.data.batch_size = 64
@@ -53,4 +54,6 @@ def get_config(arg=None):
 
     c.sample.steps = 250
     c.sample.num = 64
+    if arg == "best":
+        with_improved_objective(c)
     return finalize(c)

@@ -18,11 +18,11 @@ model.base_measure, learned linear schedule, batch 128, AdamW 2e-4, EMA 0.9999, 
 steps); `:unet` keeps the base measure too.
 """
 
-from vdm.config_defaults import base_config, finalize
+from vdm.config_defaults import base_config, finalize, with_improved_objective
 
 
 def get_config(arg=None):
-    """ImageNet 64x64 config; arg None (paper) or 'unet'."""
+    """ImageNet 64x64 config; arg None (paper), 'unet' or 'improved' (paper + best objective)."""
     c = base_config()
     c.seed = 1
     c.data.name = "imagenet64"
@@ -52,6 +52,10 @@ def get_config(arg=None):
         c.model.num_res_blocks = 3
         c.model.attn_resolutions = (32, 16, 8)
         c.model.num_heads = 4
+    elif arg == "improved":
+        with_improved_objective(c)
     elif arg is not None:
-        raise ValueError(f"Unknown imagenet64 variant {arg!r}; use configs/imagenet64.py[:unet].")
+        raise ValueError(
+            f"Unknown imagenet64 variant {arg!r}; use configs/imagenet64.py[:unet|:improved]."
+        )
     return finalize(c)

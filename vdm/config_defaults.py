@@ -189,7 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
 # imagenet32.py and imagenet64.py: the variant of experiments/objectives.py with the lowest
 # measured test bits/dim (experiments/results/objectives.md). Its gain over the VDM objective
 # is stated, with its standard error, in README.md and the configs' docstrings.
-IMPROVED_OBJECTIVE = {"model.parameterization": "v"}
+# Measured: importance-sampled time (adaptive proposal), -0.053 +- 0.015 bits/dim against the VDM
+# objective on digits at 300 steps, 3 seeds, raw parameters (2 degrees of freedom: suggestive).
+IMPROVED_OBJECTIVE = {"loss.time.proposal": "adaptive"}
 
 
 def with_improved_objective(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -80,7 +80,7 @@ def test_gradient_reaches_every_element():
         terms = losses.loss_terms(_denoise, s, p, x, jax.random.PRNGKey(4), vocab_size=17)
         return jnp.mean(terms["total"])
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     for name, g in grads.items():
         assert g.shape == params[name].shape
         per_element = jnp.abs(g).reshape(*SHAPE, -1).sum(-1)

@@ -62,6 +62,8 @@ VARIANTS = {
         "loss.weighting": "edm",
         "loss.time.proposal": "adaptive_lambda",
     },
+    # Sahoo et al. 2024 without the auxiliary latent: one learned monotone gamma per sub-pixel.
+    "multivariate": {"schedule.type": "multivariate"},
 }
 
 config_flags.DEFINE_config_file(
@@ -70,6 +72,13 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_integer("steps", 1000, "Training steps per run.")
 flags.DEFINE_list("seeds", ["1"], "Seeds; each variant is trained once per seed.")
 flags.DEFINE_list("variants", list(VARIANTS), f"Variants to train, of {', '.join(VARIANTS)}.")
+flags.DEFINE_bool(
+    "use_ema",
+    False,
+    "eval.use_ema: evaluate the EMA parameters (at optim.ema_rate 0.999 they still carry much of "
+    "the initialisation after a short run, which favours forms that start closer to right) "
+    "rather than the raw ones.",
+)
 flags.DEFINE_integer("num_draws", 4, "eval.num_draws: (t, eps) draws per test example.")
 flags.DEFINE_string("workdir", "/tmp/objectives", "Parent of the run directories.")
 flags.DEFINE_string("out", os.path.join(HERE, "results", "objectives"), "Output path stem.")
@@ -83,7 +92,12 @@ FLAGS = flags.FLAGS
 
 
 def run_config(
-    base: ml_collections.ConfigDict, variant: str, seed: int, steps: int, num_draws: int
+    base: ml_collections.ConfigDict,
+    variant: str,
+    seed: int,
+    steps: int,
+    num_draws: int,
+    use_ema: bool = False,
 ) -> ml_collections.ConfigDict:
     """The config of one run: `base` with the variant's overrides and the measurement's settings.
 
@@ -102,6 +116,7 @@ def run_config(
         "train.ckpt_every": steps,
         "train.write_samples": False,  # the figure is bits/dim; sampling costs minutes
         "eval.num_draws": num_draws,
+        "eval.use_ema": use_ema,
     }
     return with_overrides(base, {**VARIANTS[variant], **settings})
 
@@ -115,10 +130,12 @@ def measure(
     root: str,
     done: dict | None = None,
     after_each: Callable[[dict], None] | None = None,
+    use_ema: bool = False,
 ) -> dict:
     """Trains every (variant, seed) run under `root` and gathers their final eval figures.
 
-    Each run gets a fresh directory root/<variant>/seed<seed> (an earlier one there is removed,
+    Runs go seed by seed (every variant at the first seed, then at the next). Each run gets a
+    fresh directory root/<variant>/seed<seed> (an earlier one there is removed,
     so no run resumes from an old checkpoint).
 
     Args:
@@ -132,6 +149,7 @@ def measure(
         kept, not trained again.
       after_each: called after every trained run with the figures so far (the dict this
         returns, of the runs done), so that an interrupted measurement leaves its record.
+      use_ema: evaluate the EMA parameters instead of the raw ones.
 
     Returns:
       {'runs': {variant: {seed: train_final_eval's dict + 'per_example_var'}},
@@ -143,7 +161,10 @@ def measure(
     """
     if not variants or not seeds:
         raise ValueError("Give at least one variant (--variants) and one seed (--seeds).")
-    configs = {(v, s): run_config(base, v, s, steps, num_draws) for v in variants for s in seeds}
+    # Seed by seed, so that a measurement stopped early has every variant at its first seeds.
+    configs = {
+        (v, s): run_config(base, v, s, steps, num_draws, use_ema) for s in seeds for v in variants
+    }
     runs, reused = {v: {} for v in variants}, []
     for variant, seed in configs:  # kept runs first, so that every saved record holds them
         if str(seed) in (done or {}).get(variant, {}):
@@ -186,7 +207,7 @@ def earlier_runs(path: str, setting: dict) -> dict:
         return {}
     with open(path) as f:
         old = json.load(f)
-    if any(old.get(k) != setting[k] for k in ("config", "steps", "num_draws")):
+    if any(old.get(k) != setting.get(k) for k in ("config", "steps", "num_draws", "use_ema")):
         print(f"--reuse: {path} was measured in another setting; training everything.")
         return {}
     return {
@@ -207,6 +228,7 @@ def main(argv):
         "config": os.path.relpath(config_flags.get_config_filename(FLAGS["config"]), REPO),
         "steps": FLAGS.steps,
         "num_draws": FLAGS.num_draws,
+        "use_ema": FLAGS.use_ema,
         "variants": {v: VARIANTS[v] for v in FLAGS.variants},
     }
     done = earlier_runs(FLAGS.out + ".json", setting) if FLAGS.reuse else {}
@@ -223,6 +245,7 @@ def main(argv):
             "command": "python -m experiments.objectives "
             f"--steps={FLAGS.steps} --seeds={','.join(FLAGS.seeds)} "
             f"--variants={','.join(FLAGS.variants)} --num_draws={FLAGS.num_draws}"
+            + ("" if not FLAGS.use_ema else " --use_ema")
             + (" --reuse" if FLAGS.reuse else ""),
             "complete": sum(len(r) for r in measured["runs"].values()) == total,
             **measured,
@@ -233,7 +256,7 @@ def main(argv):
         objectives_report.write(record, objectives_report.markdown(record), FLAGS.out)
 
     measured = measure(FLAGS.config, FLAGS.variants, seeds, FLAGS.steps, FLAGS.num_draws,
-                       FLAGS.workdir, done, save)  # fmt: skip
+                       FLAGS.workdir, done, save, FLAGS.use_ema)  # fmt: skip
     record = record_of(measured)
     table = objectives_report.markdown(record)
     print(table)

@@ -17,11 +17,15 @@ from vdm.run.setup import build_dataset, build_run
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = [
     ("digits", None),
+    ("digits", "best"),
     ("cifar10", None),
+    ("cifar10", "improved"),
     ("cifar10", "small"),
     ("cifar10_aug", None),
     ("imagenet32", None),
+    ("imagenet32", "improved"),
     ("imagenet64", None),
+    ("imagenet64", "improved"),
     ("imagenet64", "unet"),
     ("mnist", None),
     ("toy", "swirl"),
@@ -193,3 +197,24 @@ def test_base_measure_reaches_the_network_from_the_command_line(monkeypatch):
     )
     with pytest.raises(ValueError, match="base_measure=True is not defined for.*'score'"):
         build_run(c)
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+@pytest.mark.parametrize(
+    "name, arg",
+    [("digits", "best"), ("cifar10", "improved"), ("imagenet32", "improved"),
+     ("imagenet64", "improved")],
+)  # fmt: skip
+def test_best_and_improved_variants_change_the_objective_only(name, arg):
+    from vdm.config_defaults import IMPROVED_OBJECTIVE
+
+    base, variant = _flat(load(name).to_dict()), _flat(load(name, arg).to_dict())
+    changed = {k for k, v in variant.items() if base[k] != v}
+    assert changed and changed <= set(IMPROVED_OBJECTIVE)
+    assert all(variant[k] == v for k, v in IMPROVED_OBJECTIVE.items())

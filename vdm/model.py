@@ -21,6 +21,24 @@ from vdm.sampling import samplers
 # Classifier-free guidance training: how often a label is replaced by the null label.
 LABEL_DROP_RATE = 0.1
 
+# Samplers that work elementwise with a multivariate schedule (gamma per element).
+MULTIVARIATE_SAMPLERS = ("ancestral",)
+
+
+def check_multivariate(schedule: Schedule, shape: tuple, objective) -> None:
+    """Raises ValueError if a multivariate schedule does not fit the data or the objective."""
+    if tuple(schedule.event_shape) != tuple(shape):
+        raise ValueError(
+            f"The multivariate schedule is shaped {tuple(schedule.event_shape)} but the data "
+            f"are {tuple(shape)}."
+        )
+    losses.check_multivariate(objective.type, objective.schedule_grad)
+    if objective.time.proposal == "schedule":
+        raise ValueError(
+            "loss.time.proposal='schedule' is uniform in one gamma per example; with "
+            "schedule.type=multivariate use uniform|adaptive|adaptive_lambda."
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class TimeProposal:
@@ -127,6 +145,10 @@ class DiffusionModel:
     num_classes: int = 0
     cond_aug: bool = False
     objective: Objective = Objective()
+
+    def __post_init__(self):
+        if self.schedule.event_shape:
+            check_multivariate(self.schedule, self.shape, self.objective)
 
     @property
     def num_dims(self) -> int:
@@ -251,8 +273,10 @@ class DiffusionModel:
         )
 
     def endpoints(self, params):
-        """(gamma_0, gamma_1) of the schedule under `params`."""
-        return schedules.endpoints(self.schedule, params["schedule"])
+        """(gamma_0, gamma_1) of the schedule under `params` (for a multivariate schedule the
+        means over the elements, the figures the logs report)."""
+        g0, g1 = schedules.endpoints(self.schedule, params["schedule"])
+        return jnp.mean(g0), jnp.mean(g1)
 
     def sample_labels(self, spec: SamplerSpec) -> np.ndarray | None:
         """The class each of spec.num samples is drawn for (int32 [num]); None when the model
@@ -297,6 +321,16 @@ class DiffusionModel:
         )
 
     def schedule_curve(self, params, n: int = 201):
-        """(t, gamma(t)) on a uniform grid, for the schedule plot."""
+        """(t, gamma(t)) on a uniform grid, for the schedule plot (a multivariate schedule's
+        mean over the elements, the gamma its network is conditioned on)."""
         t = jnp.linspace(0.0, 1.0, n)
-        return t, self.schedule.gamma(params["schedule"], t)
+        return t, schedules.network_gamma(self.schedule.gamma(params["schedule"], t))
+
+    def check_sampler(self, spec: SamplerSpec) -> None:
+        """Raises ValueError if spec's sampler cannot run with this model's schedule."""
+        if self.schedule.event_shape and spec.sampler not in MULTIVARIATE_SAMPLERS:
+            raise ValueError(
+                f"sample.sampler={spec.sampler!r} needs a scalar gamma per example; with "
+                f"schedule.type=multivariate use sample.sampler="
+                f"{'|'.join(MULTIVARIATE_SAMPLERS)}."
+            )

@@ -81,6 +81,11 @@ def _cell(fmt: str, value) -> str:
     return "n/a" if value is None else fmt.format(value)
 
 
+def _params(record: dict) -> str:
+    """Which parameters the record evaluated (records before use_ema existed used the EMA)."""
+    return "EMA" if record.get("use_ema", True) else "raw (eval.use_ema=False)"
+
+
 def markdown(record: dict) -> str:
     """The results: the setting, the per-run table and the across-seed summary."""
     seeds = record["seeds"]
@@ -89,7 +94,8 @@ def markdown(record: dict) -> str:
         "",
         f"{record['date']}; {record['machine']}; jax {record['jax']}. Config "
         f"`{record['config']}`, {record['steps']} steps, seeds {', '.join(map(str, seeds))}; "
-        f"full test split ELBO (eval/bpd) with the EMA parameters, {record['num_draws']} (t, eps) "
+        f"full test split ELBO (eval/bpd) with the {_params(record)} parameters, "
+        f"{record['num_draws']} (t, eps) "
         "draws per example, uniform evaluation times for every variant.",
         "",
         f"Command: `{record['command']}`",
@@ -113,7 +119,16 @@ def markdown(record: dict) -> str:
             "freedom, so it is itself very uncertain (a 95% interval is several s.e. wide).",
             "",
         ]
-    if record.get("ema_rate") is not None:
+    if record.get("use_ema", True) is False:
+        lines += [
+            "Raw (not EMA) parameters, eval.use_ema=False: at optim.ema_rate="
+            f"{record.get('ema_rate')} the EMA's horizon (about 1/(1 - rate) steps) is not short "
+            "against the run, so EMA figures would still carry the initialisation and favour "
+            "forms that start closer to right (experiments/results/base_measure.md). These are "
+            "short-run figures, not converged ones.",
+            "",
+        ]
+    elif record.get("ema_rate") is not None:
         lines += [
             f"EMA parameters after {record['steps']} steps at optim.ema_rate="
             f"{record['ema_rate']}: they still carry part of the initialisation (see "

@@ -146,6 +146,11 @@ def classifier_loss(
     Returns:
       Scalar mean cross-entropy in nats.
     """
+    if schedule.event_shape:
+        raise ValueError(
+            "The noisy classifier is conditioned on one gamma per example; the multivariate "
+            "schedule has one per element."
+        )
     k_t, k_eps = jax.random.split(key)
     x_enc = decoder.encode(x, vocab_size)
     t = jax.random.uniform(k_t, (x_enc.shape[0],))

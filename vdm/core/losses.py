@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdm.core import decoder, diffusion
-from vdm.core.schedules import Schedule, endpoints, gamma_and_slope
+from vdm.core.schedules import Schedule, endpoints, gamma_and_slope, network_gamma
 from vdm.core.variance_grad import frozen_closure, variance_gradient
 from vdm.registry import Registry
 
@@ -124,8 +124,32 @@ def prior_loss(x_enc, gamma_1):
     return jnp.sum(kl, axis=tuple(range(1, x_enc.ndim)))
 
 
-def _sum_sq(a, b):
-    return jnp.sum(jnp.square(a - b), axis=tuple(range(1, a.ndim)))
+def scalar_gamma_input(denoise_fn):
+    """denoise_fn called with network_gamma(gamma): [B] for a per-element gamma [B, ...]."""
+
+    def denoise(z, gamma, cond):
+        return denoise_fn(z, network_gamma(gamma), cond)
+
+    return denoise
+
+
+def check_multivariate(loss_type: str = "elbo", schedule_grad: str = "elbo"):
+    """Raises ValueError for the objective settings a multivariate schedule does not support.
+
+    The variance rule normalises one scalar shape between scalar endpoints, and a weighting
+    w(gamma) of the per-example loss needs one gamma per example; neither is defined for a
+    gamma per element.
+    """
+    if schedule_grad != "elbo":
+        raise ValueError(
+            f"schedule.grad={schedule_grad!r} needs a scalar schedule; the multivariate "
+            "schedule (schedule.type=multivariate) is trained by the ELBO: use schedule.grad=elbo."
+        )
+    if loss_type == "weighted":
+        raise ValueError(
+            "loss.type='weighted' weights each example's loss by w(gamma_t), one gamma per "
+            "example; the multivariate schedule has one per element: use loss.type=elbo|simple."
+        )
 
 
 def bits_per_dim(nats, num_dims: int):
@@ -217,11 +241,20 @@ def loss_terms(
       and time_weight (1 without a proposal).
     """
     check_objective(loss_type, weighting, weighting_options, timesteps, schedule_grad)
+    multi = bool(schedule.event_shape)
+    if multi:
+        check_multivariate(loss_type, schedule_grad)
+        # The network is conditioned on one gamma per example (the mean of the elements').
+        denoise_fn = scalar_gamma_input(denoise_fn)
     n = x.shape[0]
     k_t, k_eps, k_0 = jax.random.split(key, 3)
     x_enc = decoder.encode(x, vocab_size)
     num_dims = x_enc.size // n
     g0, g1 = endpoints(schedule, schedule_params)
+    if multi:
+        # Per-element endpoints [*shape] against the batch: the prior and the reconstruction
+        # terms are then per element, summed per example as for a scalar schedule.
+        g0, g1 = jnp.broadcast_to(g0, x_enc.shape), jnp.broadcast_to(g1, x_enc.shape)
     if t is None:
         t = sample_times(k_t, n, antithetic)
     # A scalar t means the same time for every example; any other shape must be [B].
@@ -232,21 +265,29 @@ def loss_terms(
     eps = jax.random.normal(k_eps, x_enc.shape, x_enc.dtype)
 
     def eps_error(gamma_t, denoise):
+        """The squared error of the implied eps prediction, per element [B, ...]."""
         z_t = diffusion.q_sample(x_enc, gamma_t, eps)
         pred = denoise(z_t, gamma_t, cond)
         # A prediction of the wrong shape would broadcast inside the squared error silently.
         chex.assert_equal_shape([pred, z_t])
-        return _sum_sq(eps, diffusion.to_eps(pred, z_t, gamma_t, parameterization))
+        return jnp.square(eps - diffusion.to_eps(pred, z_t, gamma_t, parameterization))
 
     w = jnp.ones((n,), x_enc.dtype) if time_weight is None else time_weight
+    axes = tuple(range(1, x_enc.ndim))
 
     def diffusion_loss(gamma_t, second, denoise):
         """The ELBO's diffusion term and the squared error, both weighted by the importance
-        weight w; second: gamma'(t) or gamma_s."""
-        sq = w * eps_error(gamma_t, denoise)
+        weight w; second: gamma'(t) or gamma_s (per element for a multivariate schedule,
+        whose term is then 0.5 sum_i gamma_i'(t) (eps_i - eps_hat_i)^2)."""
+        err = eps_error(gamma_t, denoise)
+        sq = w * jnp.sum(err, axis=axes)
         if timesteps:
-            return 0.5 * timesteps * jnp.expm1(gamma_t - second) * sq, sq
-        return 0.5 * second * sq, sq
+            coef = 0.5 * timesteps * jnp.expm1(gamma_t - second)
+        else:
+            coef = 0.5 * second
+        if multi:
+            return w * jnp.sum(coef * err, axis=axes), sq
+        return coef * sq, sq
 
     def gamma_at(tt):
         return schedule.gamma(schedule_params, tt)
@@ -285,7 +326,7 @@ def loss_terms(
         l_diff = diffusion_loss(gamma_t, second, schedule_denoise)[0]
 
     eps_0 = jax.random.normal(k_0, x_enc.shape, x_enc.dtype)
-    z_0 = diffusion.q_sample(x_enc, jnp.broadcast_to(g0, (n,)), eps_0)
+    z_0 = diffusion.q_sample(x_enc, g0 if multi else jnp.broadcast_to(g0, (n,)), eps_0)
     l_recon = decoder.reconstruction_loss(x, z_0, g0, vocab_size)
     l_prior = prior_loss(x_enc, g1)
 

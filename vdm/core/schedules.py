@@ -5,7 +5,8 @@ A schedule is a pair of pure functions: `init(key) -> params` (a dict, possibly 
 SNR falls from exp(-gamma(0)) to exp(-gamma(1)). Its time derivative, which weights the
 continuous-time diffusion loss, comes from forward-mode differentiation (`gamma_and_slope`).
 
-Five schedules, each with endpoints gamma(0) = gamma_min, gamma(1) = gamma_max at init:
+Five scalar schedules, each with endpoints gamma(0) = gamma_min, gamma(1) = gamma_max at init
+(and a sixth, multivariate, one gamma per data element: vdm/core/multivariate.py):
   fixed_linear    gamma_min + (gamma_max - gamma_min) t
   learned_linear  b + |w| t (VDM's "learnable scalar"), both ends learned
   learned_net     VDM's monotone network: linear part + positive-weight sigmoid branch; with
@@ -28,11 +29,25 @@ Params = dict[str, Any]
 
 
 class Schedule(NamedTuple):
-    """A noise schedule: `gamma(params, t)` is -log SNR at time t (any shape)."""
+    """A noise schedule: `gamma(params, t)` is -log SNR at time t (any shape).
+
+    event_shape is () for a scalar schedule (gamma has t's shape) and the data shape for a
+    multivariate one (vdm.core.multivariate: gamma has shape t.shape + event_shape).
+    """
 
     name: str
     init: Callable[[jax.Array], Params]
     gamma: Callable[[Params, jax.Array], jax.Array]
+    event_shape: tuple = ()
+
+
+def network_gamma(gamma):
+    """The [B] gamma a network is conditioned on: gamma itself, or for a per-element gamma
+    [B, ...] its mean over the elements (increasing in t, so it identifies the time)."""
+    gamma = jnp.asarray(gamma)
+    if gamma.ndim <= 1:
+        return gamma
+    return jnp.mean(gamma.reshape(gamma.shape[0], -1), axis=1)
 
 
 def gamma_and_slope(schedule: Schedule, params: Params, t: jax.Array):
@@ -170,20 +185,32 @@ def ddpm(gamma_min: float = -13.3, gamma_max: float = 5.0, beta_min: float = 0.1
 
 # gamma_min / gamma_max are every schedule's endpoints (config.schedule.gamma_min/max); any
 # other keyword of a factory is that schedule's option (config.schedule.<name>.<option>).
-SCHEDULES = Registry("schedule", context=("gamma_min", "gamma_max"))
+# data_shape reaches only a schedule whose signature names it (the multivariate one).
+SCHEDULES = Registry("schedule", context=("gamma_min", "gamma_max", "data_shape"))
 for _factory in (fixed_linear, learned_linear, learned_net, cosine, ddpm):
     SCHEDULES.register(_factory.__name__, _factory)
 
+# Defined in its own module (it needs Schedule, above); registered here so that every user of
+# SCHEDULES, the config schema included, sees it.
+from vdm.core.multivariate import multivariate  # noqa: E402
 
-def build_schedule(name: str, options=None, *, gamma_min: float, gamma_max: float) -> Schedule:
+SCHEDULES.register("multivariate", multivariate)
+
+
+def build_schedule(
+    name: str, options=None, *, gamma_min: float, gamma_max: float, data_shape: tuple = ()
+) -> Schedule:
     """Builds the registered schedule `name`.
 
     Args:
       name: a SCHEDULES name (fixed_linear|learned_linear|learned_net|cosine|ddpm|...).
       options: that schedule's own options (e.g. learned_net's n_features, pin_endpoints).
       gamma_min, gamma_max: the endpoints gamma(0), gamma(1) at initialisation.
+      data_shape: one example's shape (used by the multivariate schedule only).
 
     Returns:
       A Schedule.
     """
-    return SCHEDULES.build(name, options, gamma_min=gamma_min, gamma_max=gamma_max)
+    return SCHEDULES.build(
+        name, options, gamma_min=gamma_min, gamma_max=gamma_max, data_shape=data_shape
+    )

@@ -115,7 +115,7 @@ def build_diffusion_model(
         DiffusionModel,
         m,
         network=nets.build_network(m, gamma_min=s.gamma_min, gamma_max=s.gamma_max),
-        schedule=build_part(schedules.SCHEDULES, s, "type"),
+        schedule=build_part(schedules.SCHEDULES, s, "type", data_shape=tuple(info.shape)),
         shape=tuple(info.shape),
         vocab_size=info.vocab_size,
         objective=objective,
@@ -288,6 +288,14 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         )
     check_sample_metrics(config.sample.metrics)
     model = build_diffusion_model(config, dataset.info)
+    spec = sampler_spec(config.sample)
+    model.check_sampler(spec)
+    estimator_opts = estimator_options(config.eval)
+    if model.schedule.event_shape and set(estimator_opts) - {"elbo"}:
+        raise ValueError(
+            f"eval.estimator={config.eval.estimator!r}: the PF-ODE likelihood needs a scalar "
+            "gamma per example; with schedule.type=multivariate use eval.estimator=elbo."
+        )
     o = config.optim
     optimizer = call_with(optim.make_optimizer, o, options=part_options(o, o.name))
     mesh = parallel.make_mesh(config.train.fsdp)
@@ -303,8 +311,8 @@ def build_run(config: ml_collections.ConfigDict) -> Run:
         mesh=mesh,
         abstract_state=parallel.with_shardings(shapes, shardings),
         state_shardings=shardings,
-        sampler=sampler_spec(config.sample),
-        estimators=estimator_options(config.eval),
+        sampler=spec,
+        estimators=estimator_opts,
         conditions=eval_conditions(config.eval, model.num_classes),
         seed=int(config.seed),
     )

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from vdm.core import guidance as guidance_lib
+from vdm.core.losses import scalar_gamma_input
 from vdm.core.schedule_inverse import inverse_gamma
 from vdm.core.schedules import Schedule, gamma_and_slope
 
@@ -53,6 +54,11 @@ def eps_model(
     Returns:
       An EpsModel.
     """
+    multi = bool(schedule.event_shape)
+    if multi:
+        # A per-element gamma: the network sees its mean over the elements (as in training),
+        # the eps conversion and the sampler's steps the elements' own values.
+        denoise_fn = scalar_gamma_input(denoise_fn)
     eps_fn = guidance_lib.guided_eps_fn(
         denoise_fn,
         parameterization,
@@ -62,13 +68,21 @@ def eps_model(
         num_classes=num_classes,
     )
 
+    def gamma(t):
+        t = jnp.asarray(t, jnp.float32)
+        g = schedule.gamma(schedule_params, t)
+        # One time for the batch: [1, *shape] broadcasts against z [B, *shape] elementwise.
+        return g[None] if multi and t.ndim == 0 else g
+
     def eps(z, t):
+        if multi:
+            return eps_fn(z, jnp.broadcast_to(gamma(t), z.shape).astype(z.dtype))
         g = schedule.gamma(schedule_params, jnp.asarray(t, z.dtype))
         return eps_fn(z, jnp.full(z.shape[:1], g, z.dtype))
 
     return EpsModel(
         eps=eps,
-        gamma=lambda t: schedule.gamma(schedule_params, jnp.asarray(t, jnp.float32)),
+        gamma=gamma,
         gamma_slope=lambda t: gamma_and_slope(schedule, schedule_params, t),
         time_of=lambda g: inverse_gamma(schedule, schedule_params, g),
     )

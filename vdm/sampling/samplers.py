@@ -61,7 +61,7 @@ def _samples(vocab_size, mode, sampler, denoise_fn, schedule, shape, steps, para
     z0 = _z0(sampler, denoise_fn, schedule, shape, steps, parameterization, guidance, options,
              schedule_params, k_z, cond, null_cond)  # fmt: skip
     g_end = schedule.gamma(schedule_params, jnp.asarray(_final_time(dict(options))))
-    g_end = jnp.broadcast_to(g_end, z0.shape[:1])
+    g_end = jnp.broadcast_to(g_end, z0.shape if schedule.event_shape else z0.shape[:1])
     return decoder.decode(z0, g_end, vocab_size, key=k_dec if mode == "sample" else None)
 
 

@@ -22,6 +22,7 @@ Nothing here reads a config: `vdm.main` passes the values.
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -197,11 +198,15 @@ def fail_together():
     try:
         yield
         if jax.process_count() > 1:
+            # The job is done: a SIGTERM now (a pod's late preemption notice) has nothing left
+            # to save and must not turn this exit into a death by signal.
+            _ignore_sigterm()
             # Recoverable mode leaves out jax's own shutdown barrier, so the processes meet
             # here: process 0 (which hosts the service) must not leave while others work.
             _client().wait_at_barrier("vdm_job_done", _timeouts["shutdown"] * 1000)
             _finished.set()
             _shutdown_in_order()
+            _ignore_sigterm()  # jax's preemption notifier restores the default at shutdown
     except SystemExit as e:
         if jax.process_count() == 1 or e.code in (0, None):
             raise
@@ -215,6 +220,11 @@ def fail_together():
         if jax.process_count() == 1 or isinstance(e, KeyboardInterrupt):
             raise
         _fail(e)
+
+
+def _ignore_sigterm() -> None:
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to change
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _shutdown_in_order() -> None:

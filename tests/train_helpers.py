@@ -92,12 +92,11 @@ def env_for(devices: int = 1) -> dict:
     return env
 
 
-def main_cmd(workdir, *flags, mode: str = "train") -> list[str]:
-    """The `python -m vdm.main` command line."""
+def main_cmd(workdir, *flags, mode: str = "train", entry=("-m", "vdm.main")) -> list[str]:
+    """The `python -m vdm.main` command line (`entry`: another script taking its flags)."""
     return [
         sys.executable,
-        "-m",
-        "vdm.main",
+        *entry,
         f"--config={CONFIG}",
         f"--workdir={workdir}",
         f"--mode={mode}",
@@ -124,12 +123,13 @@ def run_main(
 
 
 def spawn_main(
-    workdir, *flags, mode: str = "train", devices: int = 1, env=None, log=None
-) -> subprocess.Popen:
+    workdir, *flags, mode: str = "train", devices: int = 1, env=None, log=None,
+    entry=("-m", "vdm.main"),
+) -> subprocess.Popen:  # fmt: skip
     """Starts vdm.main in the background (output to `log`, a path, or discarded)."""
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed with process
     return subprocess.Popen(
-        main_cmd(workdir, *flags, mode=mode),
+        main_cmd(workdir, *flags, mode=mode, entry=entry),
         cwd=REPO,
         env=env or env_for(devices),
         stdout=out,

@@ -17,7 +17,6 @@
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
@@ -38,7 +37,7 @@ FAULTY_MAIN = os.path.join(th.REPO, "tests", "faulty_main.py")
 DUMPS = ("Check failure", "*** SIGABRT", "Stack trace", "Fatal Python error")
 
 
-def spawn_pair(workdir, logs_dir, *flags, tag="", envs=(None, None)):
+def spawn_pair(workdir, logs_dir, *flags, tag="", envs=(None, None), entry=("-m", "vdm.main")):
     port = th.free_port()
     return [
         th.spawn_main(
@@ -49,6 +48,7 @@ def spawn_pair(workdir, logs_dir, *flags, tag="", envs=(None, None)):
             f"--process_id={i}",
             log=logs_dir / f"proc{i}{tag}.log",
             env=envs[i],
+            entry=entry,
         )  # fmt: skip
         for i in range(2)
     ]
@@ -153,14 +153,8 @@ def test_a_full_disk_on_one_process_stops_both_and_keeps_the_last_checkpoint(tmp
     run = tmp_path / "run"
     flags = th.overrides(**LONG)
     full = dict(th.env_for(), VDM_TEST_SAVES_BEFORE_ENOSPC="1")  # process 1: only save 1 works
-    port = th.free_port()
-    procs = []
-    for i, env in enumerate((th.env_for(), full)):
-        cmd = th.main_cmd(run, *flags, f"--coordinator_address=127.0.0.1:{port}",
-                          "--num_processes=2", f"--process_id={i}")  # fmt: skip
-        cmd[1:3] = [FAULTY_MAIN]  # python tests/faulty_main.py instead of python -m vdm.main
-        log = open(tmp_path / f"proc{i}.log", "w")  # noqa: SIM115 - closed with the process
-        procs.append(subprocess.Popen(cmd, cwd=th.REPO, env=env, stdout=log, stderr=log))
+    # python tests/faulty_main.py instead of python -m vdm.main (the same run without the env).
+    procs = spawn_pair(run, tmp_path, *flags, envs=(th.env_for(), full), entry=(FAULTY_MAIN,))
     try:
         codes = [p.wait(timeout=180) for p in procs]  # a hang fails here
     finally:

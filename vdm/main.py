@@ -79,6 +79,20 @@ def fail(err: BaseException, verbose: bool, what: str = "") -> None:
     sys.exit(1)
 
 
+def _has_key(path: str) -> bool:
+    """Whether the config schema has the dotted key `path` (every config file is built on
+    base_config; the flag's own value is not set yet when an override fails)."""
+    from vdm.config_defaults import base_config
+
+    try:
+        node = base_config()
+        for part in path.split("."):
+            node = node[part]
+    except (AttributeError, KeyError, TypeError):
+        return False
+    return True
+
+
 def parse_flags(argv):
     """absl's flag parsing, with a misspelt --config key or a config file that does not load
     reported as one message (they are raised while the flags are parsed, before main)."""
@@ -91,6 +105,9 @@ def parse_flags(argv):
         text = _message(err)
         overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
         culprit = [a for a in overrides if f"'{a.rsplit('.', 1)[-1]}'" in text]
+        # Several overrides can share the leaf name (sample.steps, train.steps): name the
+        # one whose path the loaded config does not have.
+        culprit = [a for a in culprit if not _has_key(a.removeprefix("--config."))] or culprit
         where = f"{culprit[0]}: no such config key " if culprit else "--config: "
         fail(err, verbose, where)
     return args

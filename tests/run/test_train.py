@@ -167,6 +167,10 @@ def _one_message(proc) -> str:
 def test_misspelt_override_is_one_message_and_verbose_shows_traceback(tmp_path):
     line = _one_message(th.run_main(tmp_path, "--config.optim.learning_rat=0.1", check=False))
     assert "--config.optim.learning_rat: no such config key" in line and "learning_rate" in line
+    # The misspelt key is named even when a valid override before it has the same leaf name.
+    proc = th.run_main(tmp_path, "--config.sample.steps=4", "--config.train.steps=2", check=False)
+    line = _one_message(proc)
+    assert "--config.train.steps: no such config key" in line, line
     proc = th.run_main(tmp_path, "--config.optim.learning_rat=0.1", "--verbose", check=False)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 

@@ -7,6 +7,8 @@ subprocesses exactly as a user would launch them.
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -124,7 +126,7 @@ def test_sigterm_sets_preemption_flag():
 def test_end_to_end_train_eval_sample(tmp_path):
     """Two steps through vdm.main, then --mode=eval and --mode=sample on its checkpoint."""
     flags = th.overrides(train__num_steps=2, train__ckpt_every=1, train__eval_every=2)
-    proc = th.run_main(tmp_path, *flags)
+    proc = th.run_main(tmp_path, *flags, "--tensorboard=true")
     assert "Test bits/dim" in proc.stdout and str(tmp_path / "DONE") in proc.stdout
     records = th.read_metrics(tmp_path)
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
@@ -144,6 +146,12 @@ def test_end_to_end_train_eval_sample(tmp_path):
     for name in ("samples.png", "schedule.png", "config.json"):
         assert (tmp_path / name).stat().st_size > 0
     assert th.checkpoint_steps(tmp_path) == [1, 2]
+    # TensorBoard: clu's SummaryWriter, TensorFlow imported only now (deferred_tensorflow).
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    tags = {v.tag for e in EventFileLoader(str(events)).Load() for v in e.summary.value}
+    assert {"train/loss", "eval/bpd"} <= tags, tags
 
     th.run_main(tmp_path, *flags, mode="eval")
     evaluated = json.loads((tmp_path / "eval_2.json").read_text())
@@ -152,6 +160,13 @@ def test_end_to_end_train_eval_sample(tmp_path):
     th.run_main(tmp_path, *flags, "--config.sample.num=5", mode="sample")
     samples = np.load(tmp_path / "samples_2_ancestral_4.npy")
     assert samples.shape == (5, 2) and np.isfinite(samples).all()
+
+
+def test_training_code_imports_no_tensorflow():
+    """clu's writers and periodic actions load without TensorFlow (5 s of every run's start)."""
+    code = "import sys, vdm.run.loop; print([m for m in sys.modules if m.startswith('tensorflow')])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def _one_message(proc) -> str:

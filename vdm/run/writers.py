@@ -1,7 +1,9 @@
 """The run's metric writers, all clu MetricWriters: metrics.jsonl, absl log lines, TensorBoard.
 
-Kept apart from vdm/run/logs.py because importing clu's writers imports TensorFlow (about ten
-seconds of start-up): only training needs them; eval, sample and the sweep tool do not.
+Kept apart from vdm/run/logs.py because importing clu's writers imports TensorFlow: only
+training needs them; eval, sample and the sweep tool do not. Even in training TensorFlow is
+needed only for TensorBoard, so its import waits for the first SummaryWriter
+(vdm/run/deferred_tensorflow.py).
 """
 
 import json

@@ -62,6 +62,8 @@ FIXED = [
     ("ode heun in log-SNR", "ode", {"solver": "heun", "time": "log_snr"}),
     ("DPM-Solver++ 2M", "dpm_solver", {"order": 2}),
     ("DPM-Solver++ 3M", "dpm_solver", {"order": 3}),
+    ("UniPC 2 (bh2)", "unipc", {"order": 2}),
+    ("UniPC 3 (bh2)", "unipc", {"order": 3}),
     ("langevin (2 per level)", "langevin", {"steps_each": 2}),
 ]
 ADAPTIVE = [(f"ode tsit5 tol={tol:g}", "ode", {"solver": "tsit5", "rtol": tol, "atol": tol})

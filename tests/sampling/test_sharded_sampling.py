@@ -63,16 +63,17 @@ SAMPLERS = [
     ("ode", {"solver": "heun"}), ("ode", {"solver": "tsit5", "rtol": 1e-4, "atol": 1e-4}),
     ("ode", {"solver": "heun", "time": "log_snr"}),
     ("dpm_solver", {"order": 2}), ("dpm_solver", {"order": 3, "spacing": "edm"}),
+    ("unipc", {"order": 2}), ("unipc", {"order": 3, "variant": "bh1"}),
 ]
 def tag(name, opts):
     return name + "".join(str(opts[k]) for k in ("solver", "time", "order") if k in opts)
 for name, opts in SAMPLERS:
     compare(tag(name, opts), lambda s: samplers.sample_z0(
         name, mix, sched, params, key, (B, 3), steps=6, batch_sharding=s, **opts))
-# DPM-Solver++ under classifier-free guidance: unconditional, conditional, 3. (A guided PF-ODE
-# is not run sharded yet: its labels, closed over by the vector field, are Explicit-sharded
-# arrays inside the solve's Auto mode.)
-for name, opts in SAMPLERS[-2:]:
+# DPM-Solver++ and UniPC under classifier-free guidance: unconditional, conditional, 3. (A
+# guided PF-ODE is not run sharded yet: its labels, closed over by the vector field, are
+# Explicit-sharded arrays inside the solve's Auto mode.)
+for name, opts in SAMPLERS[-4:]:
     for w in (0.0, 1.0, 3.0):
         compare(f"cfg_{tag(name, opts)}_{w:g}", lambda s: samplers.sample(
             name, mix, sched, params, key, (B, 3), vocab_size=None, steps=6,
@@ -143,7 +144,7 @@ def results(tmp_path_factory):
     return th.computed_once(tmp_path_factory, "sharded_sampling", _run_child)
 
 
-NEW = ["odeheunlog_snr", "dpm_solver2", "dpm_solver3"]  # the solvers in log-SNR time
+NEW = ["odeheunlog_snr", "dpm_solver2", "dpm_solver3", "unipc2", "unipc3"]  # in log-SNR
 SAMPLED = ["ancestral", "ddpm", "ddim", "sde", "pc", "langevin", "odeheun", "odetsit5", "cfg",
            *NEW, *(f"cfg_{n}_{w}" for n in NEW[1:] for w in (0, 1, 3))]  # fmt: skip
 

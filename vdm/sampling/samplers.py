@@ -19,13 +19,15 @@ decode); the option defaults are the registered functions' signature defaults:
              time=t|log_snr (integrate in t or in gamma = -log SNR)
   dpm_solver DPM-Solver++ multistep in log-SNR: order=1|2|3, spacing=log_snr|t|edm, rho,
              lower_order_final
+  unipc      UniPC predictor-corrector in log-SNR: order=1|2|3, variant=bh1|bh2, and
+             dpm_solver's spacing, rho, lower_order_final
 """
 
 import jax
 import jax.numpy as jnp
 
 from vdm.core import decoder
-from vdm.sampling import dpm_solver, loops, ode  # noqa: F401  (their samplers register on import)
+from vdm.sampling import dpm_solver, loops, ode, unipc  # noqa: F401  (samplers register on import)
 from vdm.sampling.model import eps_model
 from vdm.sampling.registries import SAMPLERS
 

@@ -111,8 +111,19 @@ def markdown(rows, floor, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_digits(config, workdir, out_dir, *, steps_list, num, seeds, ref_seeds, ref_steps=1000):
-    """Scores every sampler x step count; writes samplers_digits.md and .json to out_dir."""
+def run_digits(
+    config,
+    workdir,
+    out_dir,
+    *,
+    steps_list,
+    num,
+    seeds,
+    ref_seeds,
+    ref_steps=1000,
+    name="samplers_digits",
+):
+    """Scores every sampler x step count; writes <name>.md and <name>.json to out_dir."""
     run, params, step = load(config, workdir)
     net = sample_metrics.build_features(run, workdir)
     reference = sample_metrics.reference_stats(run, workdir, net)
@@ -138,8 +149,8 @@ def run_digits(config, workdir, out_dir, *, steps_list, num, seeds, ref_seeds, r
     table = markdown(rows, floor, meta)
     print(table)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "samplers_digits.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write(table)
-    with open(os.path.join(out_dir, "samplers_digits.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return rows

@@ -29,7 +29,9 @@ Prints Markdown and writes samplers.md and samplers.json to --out (experiments/r
 Part (ii), a trained digits model (experiments/bench_digits.py): with
 --digits_workdir=DIR (a workdir trained by the README quick start), digits FID vs NFE for
 every sampler at --digits_steps, written to samplers_digits.md/.json; --oracle=false skips the
-Gaussian part (and leaves samplers.md as it is).
+Gaussian part (and leaves samplers.md as it is). A workdir trained with overrides takes the
+same ones on --digits_config (a class-conditional model, with guided rows:
+--digits_config.model.num_classes=10 --digits_name=samplers_digits_guided).
 """
 
 import datetime
@@ -43,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 from vdm import runtime
 from vdm.core import oracles, schedules
@@ -81,12 +84,16 @@ flags.DEFINE_integer("repeats", 3, "Timed runs per (sampler, steps) after one wa
 flags.DEFINE_string("out", RESULTS, "Directory for samplers.md and samplers.json.")
 flags.DEFINE_bool("oracle", True, "Run part (i), the Gaussian oracle.")
 flags.DEFINE_string("digits_workdir", None, "A trained digits workdir: run part (ii).")
-flags.DEFINE_string("digits_config", "configs/digits.py", "The config that workdir was trained by.")
+# A config file flag: --digits_config.model.num_classes=10 for a class-conditional workdir.
+config_flags.DEFINE_config_file(
+    "digits_config", "configs/digits.py", "The config that workdir was trained by."
+)
 flags.DEFINE_list("digits_steps", ["10", "20", "50"], "Step counts of part (ii).")
 flags.DEFINE_integer("digits_num", 297, "Samples per FID (the test split has 297 images).")
 flags.DEFINE_integer("digits_seeds", 2, "Sampling seeds per row of part (ii).")
 flags.DEFINE_integer("digits_ref_seeds", 4, "Sampling seeds of the ancestral reference row.")
 flags.DEFINE_integer("digits_ref_steps", 1000, "Steps of the ancestral reference row.")
+flags.DEFINE_string("digits_name", "samplers_digits", "File name (no suffix) of part (ii)'s table.")
 flags.register_validator(
     "steps",
     lambda v: bool(v) and all(s.isdigit() and int(s) > 0 for s in v),
@@ -187,18 +194,13 @@ def markdown(rows, floor, ref, first, samples: int, dims: int) -> str:
 
 
 def digits_part():
-    import importlib.util
-
     from experiments import bench_digits
 
-    spec = importlib.util.spec_from_file_location("digits_config", FLAGS.digits_config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    bench_digits.run_digits(module.get_config(), FLAGS.digits_workdir, FLAGS.out,
+    bench_digits.run_digits(FLAGS.digits_config, FLAGS.digits_workdir, FLAGS.out,
                             steps_list=[int(s) for s in FLAGS.digits_steps], num=FLAGS.digits_num,
                             seeds=range(1, FLAGS.digits_seeds + 1),
                             ref_seeds=range(1, FLAGS.digits_ref_seeds + 1),
-                            ref_steps=FLAGS.digits_ref_steps)  # fmt: skip
+                            ref_steps=FLAGS.digits_ref_steps, name=FLAGS.digits_name)  # fmt: skip
 
 
 def main(argv):

@@ -88,7 +88,9 @@ def env_for(devices: int = 1) -> dict:
     # Subprocesses of one test compile the same programs; the persistent cache shares them
     # (a cached executable is the same executable, so bitwise comparisons are unaffected).
     env["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    # Every program, however quick to compile: a tiny run compiles about 20, most under 0.5 s
+    # (with all cached a relaunch started 0.45 s sooner, 4.9 against 5.4 s, on 2 loaded cores).
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
 
 

@@ -75,9 +75,10 @@ def test_reuse_keeps_runs_of_the_same_setting_only(tmp_path):
 
 @pytest.mark.slow
 def test_measure_writes_json_and_table(tmp_path):
-    variants = ["vdm", "v_pred"]
+    variants, saved = ["vdm", "v_pred"], []
     measured = objectives.measure(tiny_base(), variants, [1], steps=3, num_draws=2,
-                                  root=str(tmp_path / "runs"))  # fmt: skip
+                                  root=str(tmp_path / "runs"), after_each=saved.append)  # fmt: skip
+    assert [sorted(m["runs"]) for m in saved] == [["vdm"], ["v_pred", "vdm"]]  # after each run
     for variant in variants:
         r = measured["runs"][variant]["1"]
         assert r["step"] == 3 and r["num_examples"] == th.TINY["data.gaussian.num_eval"]
@@ -98,9 +99,6 @@ def test_measure_writes_json_and_table(tmp_path):
         assert f" {header} |" in md
     assert "| v_pred | `model.parameterization=v` | 1 |" in md
     assert "One seed" in md and "Incomplete" not in md
-    saved = []
-    objectives.measure(tiny_base(), ["vdm"], [1, 2], 2, 1, str(tmp_path / "r2"), None, saved.append)
-    assert [sorted(m["runs"]["vdm"]) for m in saved] == [["1"], ["1", "2"]]  # after each run
     saved, kept = [], {"bpd": 3.0, "bpd_stderr": 0.1, "per_example_var": 1.0, "wall_s": 1.0}
     objectives.measure(tiny_base(), ["vdm", "v_pred"], [1], 2, 1, str(tmp_path / "r3"),
                        {"v_pred": {"1": kept}}, saved.append)  # fmt: skip

@@ -121,9 +121,9 @@ def run_digits(
     seeds,
     ref_seeds,
     ref_steps=1000,
-    name="samplers_digits",
+    table_name="samplers_digits",
 ):
-    """Scores every sampler x step count; writes <name>.md and <name>.json to out_dir."""
+    """Scores every sampler x step count; writes <table_name>.md and .json to out_dir."""
     run, params, step = load(config, workdir)
     net = sample_metrics.build_features(run, workdir)
     reference = sample_metrics.reference_stats(run, workdir, net)
@@ -149,8 +149,8 @@ def run_digits(
     table = markdown(rows, floor, meta)
     print(table)
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{table_name}.md"), "w") as f:
         f.write(table)
-    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{table_name}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return rows

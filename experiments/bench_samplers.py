@@ -200,7 +200,8 @@ def digits_part():
                             steps_list=[int(s) for s in FLAGS.digits_steps], num=FLAGS.digits_num,
                             seeds=range(1, FLAGS.digits_seeds + 1),
                             ref_seeds=range(1, FLAGS.digits_ref_seeds + 1),
-                            ref_steps=FLAGS.digits_ref_steps, name=FLAGS.digits_name)  # fmt: skip
+                            ref_steps=FLAGS.digits_ref_steps,
+                            table_name=FLAGS.digits_name)  # fmt: skip
 
 
 def main(argv):

@@ -57,7 +57,7 @@ def load(config, workdir):
 
 def score(run, params, net, reference, label, name, opts, steps, num, seeds, guidance=1.0):
     """One row: NFE, seconds and FID (mean, std over seeds) of one sampler setting."""
-    fids, kids = [], []
+    fids, kids, accs = [], [], []
     for seed in seeds:
         spec = SamplerSpec(sampler=name, steps=steps, options=opts, guidance=guidance, num=num)
         r = dataclasses.replace(run, seed=seed, sampler=spec)
@@ -65,10 +65,12 @@ def score(run, params, net, reference, label, name, opts, steps, num, seeds, gui
         q = sample_metrics.quality(r, net, reference, samples, spec)
         fids.append(q["fid"])
         kids.append(q["kid"])
+        accs.append(q["class_accuracy"])
     row = dict(sampler=label, steps=steps, guidance=guidance, nfe=timing["nfe"],
                seconds=timing["sample_seconds"], fid=float(np.mean(fids)),
                fid_std=float(np.std(fids, ddof=1)) if len(fids) > 1 else None,
-               kid=float(np.mean(kids)), seeds=len(seeds))  # fmt: skip
+               kid=float(np.mean(kids)), seeds=len(seeds),
+               class_accuracy=None if accs[0] is None else float(np.mean(accs)))  # fmt: skip
     print(row, flush=True)
     return row
 
@@ -93,13 +95,16 @@ def markdown(rows, floor, meta) -> str:
         f"sampling seeds. Noise floor (random train subsets of {meta['num']} real digits): "
         f"{floor[0]:.2f} +- {floor[1]:.2f}. {meta['guidance_note']}",
         "",
-        "| sampler | steps | NFE | s / run | FID | FID std | KID |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| sampler | guidance | steps | NFE | s / run | FID | FID std | KID | class acc. |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         std = "-" if r["fid_std"] is None else f"{r['fid_std']:.2f}"
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['seconds']:.2f} | "
-                     f"{r['fid']:.2f} | {std} | {r['kid']:.1f} |")  # fmt: skip
+        acc = r.get("class_accuracy")
+        acc = "-" if acc is None else f"{acc:.3f}"
+        lines.append(f"| {r['sampler']} | {r.get('guidance', 1.0):g} | {r['steps']} | "
+                     f"{r['nfe']} | {r['seconds']:.2f} | {r['fid']:.2f} | {std} | "
+                     f"{r['kid']:.1f} | {acc} |")  # fmt: skip
     # With one reference seed its spread is unknown: the real-digits floor's std stands in.
     std, what = (ref["fid_std"], "seed") if ref["fid_std"] else (floor[1], "noise-floor")
     band = ref["fid"] + 2 * std
@@ -129,13 +134,15 @@ def run_digits(
     reference = sample_metrics.reference_stats(run, workdir, net)
     rows = [score(run, params, net, reference, "ancestral", "ancestral", {}, ref_steps, num,
                   ref_seeds)]  # fmt: skip
-    guidances = (1.0, 3.0) if run.model.num_classes else (1.0,)
+    # A class-conditional model: unguided (0: through the null label), conditional (1) and
+    # guided (3, Ho & Salimans' w' = 2). The adaptive ODE rows at guidance 1 only.
+    guidances = (1.0, 0.0, 3.0) if run.model.num_classes else (1.0,)
     for guidance in guidances:
         for label, name, opts in SAMPLERS:
             for steps in steps_list:
                 rows.append(score(run, params, net, reference, label, name, opts, steps, num,
                                   seeds, guidance))  # fmt: skip
-        for label, name, opts in ADAPTIVE:
+        for label, name, opts in ADAPTIVE if guidance == 1.0 else ():
             rows.append(score(run, params, net, reference, label, name, opts, 10, num, seeds,
                               guidance))  # fmt: skip
     floor = real_floor(net, reference, num)
@@ -143,7 +150,10 @@ def run_digits(
                 f"{os.cpu_count()} cores (shared)", model=f"{workdir}", step=int(step), num=num,
                 reference_num=reference["num"], seeds=len(seeds), floor=floor,
                 classifier_test_accuracy=net.details["classifier_test_accuracy"],
-                guidance_note=("Guided rows: guidance 1 and 3." if run.model.num_classes else
+                guidance_note=("Class-conditional: guidance 0 (unguided, the null label), 1 "
+                               "(conditional) and 3; class acc. = the digits classifier's "
+                               "accuracy on the classes asked for (cycling 0-9)."
+                               if run.model.num_classes else
                                "The model is unconditional (model.num_classes = 0): no guided "
                                "rows."))  # fmt: skip
     table = markdown(rows, floor, meta)

@@ -19,7 +19,7 @@ def test_the_table_lists_the_samplers_within_the_reference_band_by_nfe():
     meta = dict(num=297, reference_num=297, date="d", machine="m", model="w", step=2500,
                 classifier_test_accuracy=0.98, seeds=2, guidance_note="")  # fmt: skip
     table = bench_digits.markdown(rows, (5.0, 0.5), meta)
-    assert "FID <= 12.00" in table and "| ddim eta=0 | 10 | 10 | 1.00 | 30.00 | 2.00 |" in table
+    assert "FID <= 12.00" in table and "| ddim eta=0 | 1 | 10 | 10 | 1.00 | 30.00 | 2.00 |" in table
     hits = table.split("fewest NFE first:")[1]
     assert "ddim" not in hits
     assert hits.index("DPM-Solver++ 2M") < hits.index("ode heun") < hits.index("ancestral")

@@ -13,8 +13,10 @@ each a set of config overrides) it reports the train step's compile time, median
 images/s, XLA's FLOPs per step, the achieved FLOP/s and that as a fraction of a dense matmul
 timed just after each step, and memory (XLA's per-executable analysis; the device's peak where
 the backend reports one). For the first variant it also reports ELBO evaluation images/s,
-per-sampler images/s of the actual network at `--sample_steps`, and (`--profile`) the share of
-step time by op category. `--compile_variants` are compiled but not run (compile time and
+per-sampler images/s of the actual network at `--sample_steps`, (`--profile`) the share of
+step time by op category, and the real input pipeline's host time per batch against the step
+(`--input_batches`: the input wait per step; reported as skipped where the dataset is not
+prepared). `--compile_variants` are compiled but not run (compile time and
 memory of scan/remat without minutes of slow CPU steps). `--depths` compiles (without running)
 the CIFAR-10 network's train step at those depths, unrolled and scanned. `--ceiling` times a
 lone 3x3 convolution and its gradients.
@@ -69,6 +71,12 @@ flags.DEFINE_bool(
     False,
     "Also time the ELBO evaluation of every variant (its record's 'eval'), right after its "
     "train steps, for A/B comparisons of evaluation in one run.",
+)
+flags.DEFINE_integer(
+    "input_batches",
+    20,
+    "Batches of the config's real data pipeline to time against the first variant's step "
+    "(the input wait per step); 0 = skip. Skipped with the reason if the data is not here.",
 )
 flags.DEFINE_string("out", os.path.join(HERE, "results", "benchmark"), "Output path stem.")
 flags.DEFINE_string(
@@ -134,6 +142,11 @@ def main(argv):
         print(f"train {name}: {rec}", flush=True)
         if first is None:
             first = (run, state.params)
+            if FLAGS.input_batches > 0:
+                record["input"] = throughput.measure_input(
+                    run, batches=FLAGS.input_batches, step_s=rec["step_s"]
+                )
+                print(f"input pipeline: {record['input']}", flush=True)
         del state
     if first is not None:
         run, params = first

@@ -80,6 +80,8 @@ def markdown(record: dict) -> str:
             f"gradient {100 * c['kernel_grad']:.0f}% (matmul {c['matmul_flops'] * 1e-9:.0f} "
             "GFLOP/s)."
         ]
+    if record.get("input"):
+        out += ["\n## Input pipeline\n\n" + input_line(record["input"])]
     if record.get("eval"):
         e = record["eval"]
         out += [f"\n## Evaluation\n\nELBO bits/dim at batch {e['batch']}: "]
@@ -108,6 +110,18 @@ def markdown(record: dict) -> str:
                 f"{_mib(r.get('temp_bytes'))} |"
             )
     return "\n".join(out) + "\n"
+
+
+def input_line(rec: dict) -> str:
+    """The input pipeline's host time per batch against the step, or why it was skipped."""
+    if "skipped" in rec:
+        return f"Real data pipeline not measured here ({rec['skipped']})."
+    return (
+        f"Real data pipeline (read, augment, place on the mesh), {rec['batches']} batches: "
+        f"{rec['input_ms_per_batch']:.1f} ms per batch on the host against a "
+        f"{rec['step_ms']:.0f} ms train step; input wait per step (the excess over the step, "
+        f"which asynchronous dispatch hides): {rec['wait_ms_per_step']:.1f} ms."
+    )
 
 
 def readme_section(record: dict) -> str:

@@ -1,4 +1,5 @@
-"""Images per second of a run's train step, its ELBO evaluation and its samplers.
+"""Images per second of a run's train step, its ELBO evaluation and its samplers, and the
+host cost of its real input pipeline.
 
 All three go through the public pieces of a Run (vdm/run/setup.py): the compiled train step
 (`Run.compiled_steps`), the model's `loss_terms` and `sample`, and the run's key streams.
@@ -121,4 +122,37 @@ def measure_sampler(run: Run, params, name: str, *, steps: int, num: int) -> dic
         "images_per_s": num / t,
         "seconds": t,
         "compile_and_first_s": first,
+    }
+
+
+def measure_input(run: Run, *, batches: int, step_s: float) -> dict:
+    """Host milliseconds per training batch of the run's real data pipeline (read, augment,
+    place on the mesh: what the train loop does between steps) against the step time.
+
+    Steps are dispatched asynchronously, so the host reads the next batch while the device
+    runs the current step: the device waits only for the part above the step time.
+
+    Args:
+      run: the Run (its dataset must be available: a TFDS dataset prepared, files present).
+      batches: batches to time after the first (which starts the pipeline).
+      step_s: the train step's seconds, for the wait.
+
+    Returns:
+      Dict with input_ms_per_batch, step_ms, wait_ms_per_step (max(0, input - step)) and
+      batches; or {'skipped': the reason} when the dataset cannot be read here.
+    """
+    try:
+        stream = run.train_batches(0)
+        parallel.global_batch(next(stream), run.mesh)  # starts the pipeline (threads, files)
+    except Exception as err:  # noqa: BLE001 - any unreadable dataset is reported, not raised
+        return {"skipped": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+    start = time.perf_counter()
+    for _ in range(batches):
+        jax.block_until_ready(parallel.global_batch(next(stream), run.mesh))
+    input_ms = 1e3 * (time.perf_counter() - start) / batches
+    return {
+        "input_ms_per_batch": input_ms,
+        "step_ms": 1e3 * step_s,
+        "wait_ms_per_step": max(0.0, input_ms - 1e3 * step_s),
+        "batches": batches,
     }

@@ -49,3 +49,16 @@ def test_benchmark_rewrites_only_the_readme_section(tmp_path):
     with pytest.raises(ValueError, match="no <!-- benchmark.py: start -->"):
         report.update_readme(str(plain), "x")
     assert plain.read_text() == "no markers\n"
+
+
+def test_input_pipeline_is_timed_or_skipped_with_its_reason(tmp_path):
+    run = build_run(th.load_config(**UNET))
+    rec = throughput.measure_input(run, batches=3, step_s=10.0)
+    assert rec["batches"] == 3 and 0 < rec["input_ms_per_batch"] < 1e4
+    assert rec["wait_ms_per_step"] == 0.0  # a 10 s step hides any digits batch
+    assert "ms per batch" in report.input_line(rec)
+    # CIFAR-10 not prepared in this data_dir (as on this machine: nothing is downloaded).
+    config = th.load_config(**dict(UNET, data__name="cifar10", data__data_dir=str(tmp_path)))
+    skipped = throughput.measure_input(build_run(config), batches=3, step_s=1.0)
+    assert "cifar10" in skipped["skipped"], skipped
+    assert "not measured here" in report.input_line(skipped)

@@ -142,6 +142,8 @@ def test_end_to_end_train_eval_sample(tmp_path):
     ):
         assert key in final
     assert all(isinstance(r["wall_time"], float) for r in records)
+    # The input pipeline's host time per step, on every train line.
+    assert all(0.0 <= r["train/input_ms"] < 1e4 for r in records if "train/loss" in r)
     assert json.loads((tmp_path / "DONE").read_text())["step"] == 2
     for name in ("samples.png", "schedule.png", "config.json"):
         assert (tmp_path / name).stat().st_size > 0

@@ -8,6 +8,7 @@ ReportProgress (steps/s, ETA) and Profile periodic actions.
 
 import contextlib
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -177,13 +178,16 @@ def train(
             )
     every = [tc.log_every, tc.eval_every, tc.ckpt_every]
     acc, acc_steps, eval_metrics = None, 0, {}
+    input_s = 0.0  # host seconds spent reading and placing batches since the last log line
     try:
         while step < tc.num_steps:
             num = min(max(int(tc.steps_per_call), 1), _next_event(step, every, tc.num_steps) - step)
+            started = time.perf_counter()
             local = [next(batches) for _ in range(num)]
             if num > 1:
                 local = [jax.tree.map(lambda *xs: np.stack(xs), *local)]
             batch = parallel.global_batch(local[0], run.mesh, stacked=num > 1)
+            input_s += time.perf_counter() - started
             state, metrics = steps_fn(num)(state, batch, key)
             acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
             step, acc_steps = step + num, acc_steps + num
@@ -200,8 +204,12 @@ def train(
             ckpts.check()  # a failed background save stops the run at the next sync point
             if is_log:
                 values = logs.to_floats(jax.tree.map(lambda v: v / acc_steps, parallel.fetch(acc)))
+                # The input pipeline's cost per step on this host. Steps are dispatched
+                # asynchronously, so the device stalls on input only when this exceeds the
+                # step time (1000 / ReportProgress's steps_per_sec).
+                values["train/input_ms"] = 1e3 * input_s / acc_steps
                 writer.write_scalars(step, values)
-                acc, acc_steps = None, 0
+                acc, acc_steps, input_s = None, 0, 0.0
                 if jax.process_index() == 0:
                     logging.info("step %d/%d | loss %.4f", step, tc.num_steps, values["train/loss"])
             if is_eval:

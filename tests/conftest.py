@@ -9,8 +9,11 @@ Tests that start processes or subprocesses carry `@pytest.mark.slow`: `pytest -m
 is the quick loop, plain `pytest` runs everything.
 """
 
+import shutil
+
 import jax
 import pytest
+import train_helpers as th
 
 
 @pytest.fixture
@@ -20,3 +23,11 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture
+def trained_workdir(tmp_path_factory, tmp_path):
+    """tmp_path holding a copy of the 2-step tiny run (train_helpers.TRAINED_FLAGS), which is
+    trained once per test run however many tests start from it."""
+    shutil.copytree(th.tiny_trained(tmp_path_factory), tmp_path, dirs_exist_ok=True)
+    return tmp_path

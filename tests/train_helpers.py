@@ -285,3 +285,13 @@ def workdir_once(tmp_path_factory, name: str, build) -> Path:
             build(workdir)
             done.touch()
         return workdir
+
+
+# The tiny setup trained for 2 steps (final evaluation at step 2, no sample grid): the start of
+# every test that evaluates, samples from or resumes a finished tiny run.
+TRAINED_FLAGS = overrides(train__num_steps=2, train__write_samples=False)
+
+
+def tiny_trained(tmp_path_factory) -> Path:
+    """The shared 2-step tiny run (TRAINED_FLAGS), trained once per test run: copy it."""
+    return workdir_once(tmp_path_factory, "tiny_trained", lambda w: run_main(w, *TRAINED_FLAGS))

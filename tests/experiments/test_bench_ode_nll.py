@@ -11,11 +11,9 @@ import train_helpers as th
 
 
 @pytest.mark.slow
-def test_command_line_measures_t_and_log_snr_rows(tmp_path):
-    workdir, out = tmp_path / "run", tmp_path / "out"
-    flags = th.overrides(train__num_steps=2, train__write_samples=False,
-                         eval__ode__dequantization="none")  # fmt: skip
-    th.run_main(workdir, *flags)
+def test_command_line_measures_t_and_log_snr_rows(trained_workdir, tmp_path_factory):
+    workdir, out = trained_workdir, tmp_path_factory.mktemp("ode_nll")
+    flags = [*th.TRAINED_FLAGS, "--config.eval.ode.dequantization=none"]
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_ode_nll", f"--config={th.CONFIG}", *flags,
          f"--workdir={workdir}", "--tols=1e-3", "--reference_tol=1e-5", "--trace=exact",

@@ -204,8 +204,8 @@ def test_a_checkpoint_of_another_shape_is_refused_naming_the_arrays(tmp_path):
 
 
 @pytest.mark.slow
-def test_resuming_with_another_network_fails_and_with_another_lr_logs_it(tmp_path):
-    th.run_main(tmp_path, *th.overrides(train__num_steps=2, train__write_samples=False))
+def test_resuming_with_another_network_fails_and_with_another_lr_logs_it(trained_workdir):
+    tmp_path = trained_workdir  # a finished 2-step run
     wider = th.run_main(tmp_path, *th.overrides(train__num_steps=4, model__n_embd=32),
                         check=False)  # fmt: skip
     assert wider.returncode == 1, wider.stderr[-3000:]

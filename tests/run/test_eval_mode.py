@@ -28,8 +28,7 @@ EVAL = [
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     # Built once for the whole run (tests copy it), however pytest-xdist spreads them.
-    flags = th.overrides(train__num_steps=2, train__write_samples=False)
-    return th.workdir_once(tmp_path_factory, "eval_mode_trained", lambda w: th.run_main(w, *flags))
+    return th.tiny_trained(tmp_path_factory)
 
 
 def _records(workdir) -> dict:

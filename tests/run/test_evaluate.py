@@ -67,8 +67,8 @@ def test_unknown_estimator_or_option_fails_at_assembly():
 
 
 @pytest.mark.slow
-def test_eval_mode_writes_one_record_per_estimator(tmp_path):
-    th.run_main(tmp_path, *th.overrides(train__num_steps=2, train__eval_every=2))
+def test_eval_mode_writes_one_record_per_estimator(trained_workdir):
+    tmp_path = trained_workdir
     recorded = json.loads((tmp_path / "config.json").read_text())
     assert recorded["dataset"]["shape"] == [2] and recorded["dataset"]["name"] == "gaussian"
     assert recorded["eval"]["estimator"] == "elbo"

@@ -244,9 +244,9 @@ def test_sampler_spec_reads_only_the_selected_samplers_options():
 
 
 @pytest.mark.slow
-def test_sampler_options_from_the_real_command_line(tmp_path):
+def test_sampler_options_from_the_real_command_line(trained_workdir):
     """`python -m vdm.main --mode=sample` with a solver and its tolerance, and a composed pc."""
-    th.run_main(tmp_path, *th.overrides(train__num_steps=2, train__eval_every=2))
+    tmp_path = trained_workdir
     ode = th.run_main(
         tmp_path,
         *th.overrides(sample__sampler="ode", sample__steps=4),

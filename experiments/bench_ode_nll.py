@@ -10,9 +10,9 @@ the solver's alone.
 
 For each (time variable, rtol = atol): the ode estimator of `--mode=eval`
 (vdm.run.evaluate.estimate) over the split, with its bits/dim, solver steps (mean over
-batches; one step sequence per batch), network evaluations per example (6 per step: Tsit5 has
-7 stages with the last reused, rejected steps included) and seconds. Accuracy is the distance
-to a reference solve at --reference_tol in t (same probes).
+batches; one step sequence per batch), network evaluations per example (per step 6 for Tsit5:
+7 stages with the last reused; 13 for Dopri8; rejected steps included) and seconds. Accuracy
+is the distance to a reference solve at --reference_tol in t (same probes).
 
   python -m experiments.bench_ode_nll --workdir=runs/digits [--tols=1e-5,1e-4,1e-3]
       [--times=t,log_snr] [--max_examples=-1] [--out=experiments/results]
@@ -34,14 +34,17 @@ from vdm import runtime
 from vdm.run import evaluate
 from vdm.run.eval_records import Job
 from vdm.run.setup import build_run
+from vdm.sampling.ode import EVALS_PER_STEP
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-EVALS_PER_STEP = 6  # Tsit5: 7 stages, first-same-as-last
 
 config_flags.DEFINE_config_file("config", "configs/digits.py", "The workdir's config.")
 flags.DEFINE_string("workdir", None, "A trained workdir (its latest checkpoint).", required=True)
 flags.DEFINE_list("tols", ["1e-5", "1e-4", "1e-3"], "rtol = atol of each row.")
 flags.DEFINE_list("times", ["t", "log_snr"], "ODE time variables (eval.ode.time).")
+flags.DEFINE_list(
+    "solvers", ["tsit5"], "Adaptive solvers (eval.ode.solver): tsit5, dopri5, dopri8."
+)
 flags.DEFINE_float("reference_tol", 1e-6, "Tolerance of the reference solve (in t).")
 flags.DEFINE_string("trace", "hutchinson", "eval.ode.trace: hutchinson | exact.")
 flags.DEFINE_integer("max_examples", -1, "Examples of the split (-1: all).")
@@ -49,9 +52,9 @@ flags.DEFINE_string("out", RESULTS, "Directory for ode_nll.md and ode_nll.json."
 FLAGS = flags.FLAGS
 
 
-def solve(run, params, time_var: str, tol: float, max_examples: int) -> dict:
+def solve(run, params, time_var: str, tol: float, max_examples: int, solver="tsit5") -> dict:
     """One ODE pass over the split: bits/dim, steps, NFE per example, seconds."""
-    options = dict(run.estimators["ode"], time=time_var, rtol=tol, atol=tol,
+    options = dict(run.estimators["ode"], time=time_var, rtol=tol, atol=tol, solver=solver,
                    trace=FLAGS.trace)  # fmt: skip
     job = Job("ode", options, discrete=run.info.vocab_size is not None)
     # Compiles on one example (same padded batch shape, so the same program), untimed.
@@ -59,9 +62,10 @@ def solve(run, params, time_var: str, tol: float, max_examples: int) -> dict:
     start = time.perf_counter()
     fig = evaluate.estimate(run, params, job, max_examples=max_examples)
     seconds = time.perf_counter() - start
-    return dict(time=time_var, tol=tol, bpd=fig["bpd"], bpd_stderr=fig["bpd_stderr"],
-                steps_mean=fig["num_steps_mean"], steps_max=fig["num_steps_max"],
-                nfe_per_example=EVALS_PER_STEP * fig["num_steps_mean"],
+    return dict(time=time_var, tol=tol, solver=solver, bpd=fig["bpd"],
+                bpd_stderr=fig["bpd_stderr"], steps_mean=fig["num_steps_mean"],
+                steps_max=fig["num_steps_max"],
+                nfe_per_example=EVALS_PER_STEP[solver] * fig["num_steps_mean"],
                 seconds=seconds)  # fmt: skip
 
 
@@ -72,15 +76,15 @@ def markdown(rows, ref, meta) -> str:
         f"{meta['date']}, {meta['machine']}, jax {jax.__version__}. Model: {meta['workdir']} "
         f"(step {meta['step']}, EMA). Trace: {meta['trace']} (the same probes in every row). "
         f"Reference: time=t at rtol = atol = {meta['reference_tol']:g}, "
-        f"{ref['bpd']:.5f} bits/dim, {ref['steps_mean']:.0f} steps. NFE = network "
-        f"evaluations per example = {EVALS_PER_STEP} x solver steps (one step sequence per "
-        "batch).",
+        f"{ref['bpd']:.5f} bits/dim, {ref['steps_mean']:.0f} Tsit5 steps. NFE = network "
+        "evaluations per example = solver steps x evaluations per step (Tsit5, Dopri5: 6; "
+        "Dopri8: 13), one step sequence per batch.",
         "",
-        "| time | rtol = atol | bits/dim | abs. error vs reference | steps | NFE | s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| solver | time | rtol = atol | bits/dim | abs. error vs reference | steps | NFE | s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['time']} | {r['tol']:g} | {r['bpd']:.5f} | "
+        lines.append(f"| {r['solver']} | {r['time']} | {r['tol']:g} | {r['bpd']:.5f} | "
                      f"{abs(r['bpd'] - ref['bpd']):.1e} | {r['steps_mean']:.0f} | "
                      f"{r['nfe_per_example']:.0f} | {r['seconds']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -97,10 +101,11 @@ def main(argv):
     ref = solve(run, params, "t", FLAGS.reference_tol, n)
     print("reference", ref, flush=True)
     rows = []
-    for tol in (float(t) for t in FLAGS.tols):
-        for time_var in FLAGS.times:
-            rows.append(solve(run, params, time_var, tol, n))
-            print(rows[-1], flush=True)
+    for solver in FLAGS.solvers:
+        for tol in (float(t) for t in FLAGS.tols):
+            for time_var in FLAGS.times:
+                rows.append(solve(run, params, time_var, tol, n, solver))
+                print(rows[-1], flush=True)
     size = run.dataset.split_size(run.config.eval.split)
     meta = dict(date=str(datetime.date.today()), machine=f"{platform.machine()} CPU, "
                 f"{os.cpu_count()} cores", workdir=FLAGS.workdir, step=int(step),

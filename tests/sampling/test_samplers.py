@@ -37,6 +37,7 @@ CASES = [
     ("ode", 20, {"solver": "heun"}, 0.01, 0.005),
     ("ode", 10, {"solver": "tsit5", "rtol": 1e-4, "atol": 1e-4}, 0.01, 0.005),
     ("ode", 10, {"solver": "dopri5", "rtol": 1e-4, "atol": 1e-4}, 0.01, 0.005),
+    ("ode", 10, {"solver": "dopri8", "rtol": 1e-4, "atol": 1e-4}, 0.01, 0.005),
 ]
 
 

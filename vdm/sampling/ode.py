@@ -43,8 +43,11 @@ SOLVERS = {
     "heun": diffrax.Heun,
     "tsit5": diffrax.Tsit5,
     "dopri5": diffrax.Dopri5,
+    "dopri8": diffrax.Dopri8,  # 8th order: fewer, costlier steps at tight tolerances
 }
-ADAPTIVE = ("tsit5", "dopri5")
+ADAPTIVE = ("tsit5", "dopri5", "dopri8")
+# Network evaluations per adaptive step (stages, less the first-same-as-last one reused).
+EVALS_PER_STEP = {"euler": 1, "heun": 2, "tsit5": 6, "dopri5": 6, "dopri8": 13}
 
 
 def drift(model: EpsModel, t, z):
@@ -110,7 +113,7 @@ def integrate(
       vector_field: (t, y, args) -> dy/dt for a pytree y of [B, ...] leaves.
       y0: initial state.
       t0, t1: start and end times.
-      solver: euler|heun (fixed uniform grid of `steps` steps) or tsit5|dopri5 (adaptive,
+      solver: euler|heun (fixed uniform grid of `steps` steps) or tsit5|dopri5|dopri8 (adaptive,
         PID controller with rtol/atol, global norm `batch_max_rms`, first step
         (t1 - t0) / steps).
       steps: fixed step count, or the adaptive solvers' first step.

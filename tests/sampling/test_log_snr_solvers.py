@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bench_samplers
+from experiments.bench import gaussian_oracle
 from tests.sampling.test_samplers import GAUSS, MIX, MU, SCHEDULE, VAR, _check_moments
 from vdm.config_defaults import base_config
 from vdm.core import schedules
@@ -87,27 +87,27 @@ def test_convergence_order_against_an_accurate_ode_solve(name, opts, rate):
 def test_log_snr_solvers_reach_1000_step_ancestral_w2_within_20_evaluations():
     """The issue's proof: W2 of the fitted Gaussian (D = 8, 16384 samples) within two
     exact-sample standard deviations of 1000-step ancestral's, network evaluations counted as
-    they run (experiments/bench_samplers.py's measure at a smaller size).
+    they run (experiments/gaussian_oracle.py's measure at a smaller size).
 
     Measured (this seed): ancestral-1000 0.0277, band 0.0044; DPM-Solver++ 3M 0.052 at 15
     NFE, 0.0292 at 20; UniPC 3 0.0260 at 15, 0.0262 at 20; 2M 0.0376 and UniPC 2 0.0304 at 20.
     """
     dims, shape = 8, (16384, 8)
-    mu, q, lam, denoise = bench_samplers.problem(dims)
+    mu, q, lam, denoise = gaussian_oracle.problem(dims)
     target = (mu, (q * np.sqrt(lam)) @ q.T, (q * lam) @ q.T)
     rng = np.random.default_rng(1)
-    exact = [bench_samplers.w2_gaussian(mu + rng.normal(size=shape) * np.sqrt(lam) @ q.T,
+    exact = [gaussian_oracle.w2_gaussian(mu + rng.normal(size=shape) * np.sqrt(lam) @ q.T,
                                         *target) for _ in range(8)]  # fmt: skip
     band = 2 * float(np.std(exact, ddof=1))
 
     def w2(name, steps, **opts):
-        x = samplers.sample(name, denoise, bench_samplers.SCHEDULE, {}, jax.random.key(5),
+        x = samplers.sample(name, denoise, gaussian_oracle.SCHEDULE, {}, jax.random.key(5),
                             shape, vocab_size=None, steps=steps, **opts)  # fmt: skip
-        return bench_samplers.w2_gaussian(x, *target)
+        return gaussian_oracle.w2_gaussian(x, *target)
 
     ref = w2("ancestral", 1000)
     for name, steps in (("dpm_solver", 20), ("unipc", 15)):
-        nfe = bench_samplers.count_nfe(denoise, name, {"order": 3}, steps, (64, dims))
+        nfe = gaussian_oracle.count_nfe(denoise, name, {"order": 3}, steps, (64, dims))
         assert nfe == steps, (name, nfe)
         assert w2(name, steps, order=3) <= ref + band, (name, ref, band)
 

@@ -20,16 +20,12 @@ The grid and guidance are DPM-Solver++'s (`dpm_solver.step_grid`, the EpsModel).
 import jax
 import jax.numpy as jnp
 
-from vdm.sampling.dpm_solver import step_grid
+from vdm.sampling.dpm_solver import _alpha_sigma, step_grid
 from vdm.sampling.model import EpsModel
 from vdm.sampling.registries import SAMPLERS
 from vdm.sampling.sharded import constrain, normal
 
 VARIANTS = ("bh1", "bh2")
-
-
-def _alpha_sigma(g):
-    return jnp.sqrt(jax.nn.sigmoid(-g)), jnp.sqrt(jax.nn.sigmoid(g))
 
 
 def _right_hand_side(h, n: int, variant: str):

@@ -115,10 +115,11 @@ def unipc(
         a, s = _alpha_sigma(g[i])
         return constrain((z - s * model.eps(z, t[i])) / a, batch_sharding)
 
-    def orders(i):
-        """The predictor's order at step i: earlier nodes available, steps left."""
-        k = min(order, i + 1)
-        return min(k, steps - i) if lower_order_final else k
+    def order_at(i):
+        """The predictor's order at step i (traced or not): earlier nodes available, and with
+        lower_order_final the steps left."""
+        k = jnp.minimum(order, i + 1)
+        return jnp.minimum(k, steps - i) if lower_order_final else k
 
     def predict(i, z, xs, lams):
         a_t, s_t = _alpha_sigma(g[i + 1])
@@ -139,9 +140,7 @@ def unipc(
     def body(carry, i):
         z, xs, lams = carry  # x_hat at the current and earlier nodes, newest first
         outs, a_t = predict(i, z, xs, lams)
-        k = jnp.minimum(order, i + 1)
-        if lower_order_final:
-            k = jnp.minimum(k, steps - i)
+        k = order_at(i)
         pred = select([o[0] for o in outs], k)
         x_new = x_hat(pred, i + 1)  # the next step's x_hat, and this step's corrector node
         corr = select([_corrected(*o[1:], x_new, xs[0], a_t, j + 1) for j, o in enumerate(outs)], k)
@@ -158,4 +157,4 @@ def unipc(
         (z, xs, lams), _ = jax.lax.scan(body, (z, xs, lams), jnp.arange(steps - 1))
     # The last step: predictor only.
     outs, _ = predict(steps - 1, z, xs, lams)
-    return constrain(outs[orders(steps - 1) - 1][0], batch_sharding)
+    return constrain(select([o[0] for o in outs], order_at(steps - 1)), batch_sharding)

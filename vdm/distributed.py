@@ -6,9 +6,12 @@ in the next collective or, once the service notices the silence, is terminated b
 log with a stack dump; at exit it also waits in a shutdown barrier that the lost process never
 reaches. This module replaces that with one readable error on every process:
 
-- `initialize` sets the heartbeat and shutdown timeouts (config `distributed.*`) and installs
-  `_on_service_error` as the client's missed-heartbeat callback, so the service's verdict
-  ends the process with a message naming the lost process(es) instead of a core dump.
+- `initialize` sets the heartbeat and shutdown timeouts (config `distributed.*`), turns on
+  recoverable mode (the service then does not abort every process when one is lost) and starts
+  a watcher thread that polls the service's live processes and ends this process with a
+  message naming the lost one(s). Losing process 0 itself is the exception: jaxlib aborts the
+  survivors from C++ before any Python runs, and vdm/run/supervisor.py (the parent process of each
+  multi-process job) turns that into the same kind of message.
 - `fail_together()` wraps a job: a process whose job raises publishes its reason in the
   service's key-value store (so the others' messages can quote it) and exits at once,
   skipping the shutdown barrier; one whose job raised a JAX runtime error (a collective that
@@ -262,8 +265,8 @@ def _fail(error: BaseException) -> None:
     me = jax.process_index()
     summary = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     if _is_runtime_error(error):
-        # Most likely a collective that failed because a peer went away: the service's verdict
-        # (through _on_service_error) names it within the heartbeat timeout.
+        # Most likely a collective that failed because a peer went away: the watcher thread
+        # names it once the service declares it lost (within the heartbeat timeout).
         wait = _timeouts["heartbeat"] + 5
         logging.warning("%s; waiting up to %d s for the lost process to be named.", summary, wait)
         time.sleep(wait)  # the watcher thread exits the process first if a peer is lost

@@ -11,7 +11,8 @@ with what was asked for (a misspelt key, a missing config or data file, an unpre
 --mode=eval on a workdir without a checkpoint) ends the command with one message that says what
 to fix and exit status 1; --verbose shows the Python traceback instead. Several
 processes (hosts) join through --coordinator_address/--num_processes/--process_id (or the
-VDM_COORDINATOR_ADDRESS / VDM_NUM_PROCESSES / VDM_PROCESS_ID environment variables).
+VDM_COORDINATOR_ADDRESS / VDM_NUM_PROCESSES / VDM_PROCESS_ID environment variables); each then
+runs its job under a small supervising parent (vdm/run/supervisor.py).
 """
 
 import os
@@ -164,6 +165,11 @@ def _run_mode():
 
 if __name__ == "__main__":
     from vdm import runtime
+    from vdm.run import supervisor
+
+    # Several processes: the job runs in a child, so that jaxlib's fatal exit when the
+    # coordinator is lost becomes one message (vdm/run/supervisor.py). Returns in that child.
+    supervisor.maybe_supervise()
 
     runtime.setup()  # before JAX starts: tcmalloc (re-runs the command) and XLA:CPU flags
     app.run(main, flags_parser=parse_flags)

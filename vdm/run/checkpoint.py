@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
 from vdm.errors import UserError
+from vdm.run import checkpoint_files
 
 BEST_METRIC = "eval/bpd"
 
@@ -171,15 +172,8 @@ class Checkpoints:
             self._mngr.check_for_errors()
 
     def describe_latest(self) -> str:
-        """'Last complete checkpoint: DIR (step N).' read from disk (safe from any thread):
-        orbax gives a step its plain numeric name only once every process has written it."""
-        try:
-            steps = sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
-        except OSError:
-            steps = []
-        if not steps:
-            return f"No complete checkpoint in {self.directory}."
-        return f"Last complete checkpoint: {self.path(steps[-1])} (step {steps[-1]})."
+        """'Last complete checkpoint: DIR (step N).' read from disk (safe from any thread)."""
+        return checkpoint_files.describe_latest(self.directory)
 
     def _restore_step(self, step: int, target):
         restored = self._mngr.restore(

@@ -18,10 +18,10 @@ model.base_measure, learned linear schedule, batch 128, AdamW 2e-4, EMA 0.9999, 
 steps); `:unet` keeps the base measure too.
 
 `:improved` adds the best measured objective (vdm.config_defaults.IMPROVED_OBJECTIVE: importance-
-sampled training times, loss.time.proposal=adaptive): on digits, 300 steps, 3 seeds, raw
-parameters, it was 0.053 +- 0.015 bits/dim (paired s.e. over seeds, 2 degrees of freedom)
-better than the VDM objective (experiments/results/objectives.md); measured on digits only, and
-the s.e. rests on 3 seeds, so this is suggestive, not established.
+sampled training times with v-prediction, loss.time.proposal=adaptive and
+model.parameterization=v): on digits, 300 steps, 3 seeds, raw parameters, it was 0.143 +- 0.023
+bits/dim (paired s.e. over seeds, 2 degrees of freedom) better than the VDM objective
+(experiments/results/objectives.md); measured on digits only, after a short run.
 
   python -m vdm.main --config=configs/imagenet64.py:improved --workdir=runs/in64-improved \\
     --config.data.data_dir=DIR

@@ -43,7 +43,9 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 config_flags.DEFINE_config_file("config", "configs/digits.py", "The workdir's config.")
 flags.DEFINE_string("workdir", None, "A trained workdir (its latest checkpoint).", required=True)
 flags.DEFINE_list("tols", ["1e-5", "1e-4", "1e-3"], "rtol = atol of each row.")
-flags.DEFINE_list("times", ["t", "log_snr"], "ODE time variables (eval.ode.time).")
+flags.DEFINE_list(
+    "times", ["t", "log_snr"], "ODE time variables (eval.ode.time: t|log_snr|sigma|log_sigma)."
+)
 flags.DEFINE_list(
     "solvers", ["tsit5"], "Adaptive solvers (eval.ode.solver): tsit5, dopri5, dopri8."
 )

@@ -185,3 +185,22 @@ def test_decoder_path_nll_of_exact_discrete_model_is_entropy():
     h, se = _entropy_bpd(probs), bpd.std(ddof=1) / np.sqrt(len(bpd))
     assert abs(bpd.mean() - h) < 3 * se + 0.01
     assert bpd.mean() > 0
+
+
+def test_ode_log_prob_in_every_time_variable_matches_gaussian():
+    """t, log-SNR and EDM's sigma / log sigma (state z / alpha, its change of variables
+    included) give the closed-form density; sigma takes fewer adaptive steps here."""
+    from vdm.sampling import ode
+
+    den = oracles.gaussian_eps(MU, COV)
+    z0 = _gaussian_z0(128, 2)
+    want = _exact_ode_log_prob(z0, MU, COV)
+    steps = {}
+    for time in ode.TIMES:
+        out = likelihood.ode_log_prob(
+            den, SCHEDULE, {}, jnp.asarray(z0), None, trace="exact", time=time
+        )
+        err = np.abs(np.asarray(out["log_prob"]) - want)
+        assert err.max() < 2e-4 and err.mean() < 5e-5, (time, err.max(), err.mean())
+        steps[time] = int(out["num_steps"])
+    assert steps["sigma"] < steps["t"], steps  # measured 10 vs 17 at 1e-5

@@ -131,8 +131,9 @@ def test_ode_in_log_snr_matches_ode_in_t():
     key, shape = jax.random.key(3), (256, 3)
     opts = dict(steps=10, solver="tsit5", rtol=1e-5, atol=1e-5)
     in_t = samplers.sample_z0("ode", GAUSS, sched, params, key, shape, **opts)
-    in_g = samplers.sample_z0("ode", GAUSS, sched, params, key, shape, time="log_snr", **opts)
-    np.testing.assert_allclose(in_g, in_t, atol=2e-3)
+    for time in ("log_snr", "sigma", "log_sigma"):
+        other = samplers.sample_z0("ode", GAUSS, sched, params, key, shape, time=time, **opts)
+        np.testing.assert_allclose(other, in_t, atol=2e-3, err_msg=time)
 
 
 def test_ode_log_prob_in_log_snr_matches_t():

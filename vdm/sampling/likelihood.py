@@ -156,32 +156,38 @@ def ode_log_prob(
       trace: exact|hutchinson.
       num_probes, probe: Hutchinson probe count and distribution (rademacher|gaussian).
       solver, steps, rtol, atol, max_steps: see vdm.ode.integrate (adaptive by default).
-      time: integrate in t or in gamma = -log SNR ('log_snr'; the density change is the same
-        integral of the divergence, taken in the other variable).
+      time: one of vdm.sampling.ode.TIMES: t, gamma = -log SNR ('log_snr'; the density change
+        is the same integral of the divergence, taken in the other variable), or EDM's
+        sigma / alpha ('sigma') or its log ('log_sigma') with the state z / alpha (the
+        change of variables adds D log(alpha_1 / alpha_0)).
       batch_sharding: optional sharding of the batch.
 
     Returns:
-      {'log_prob' [B], 'prior_log_prob' [B], 'delta_log_prob' [B] (int div dt),
+      {'log_prob' [B], 'prior_log_prob' [B], 'delta_log_prob' [B]
+       (log p - prior: int div ds and the scaling),
        'z_end' [B, ...] (the latent at t1), 'num_steps' (one count for the whole batch)}.
     """
     model = eps_model(
         denoise_fn, schedule, schedule_params, parameterization=parameterization, cond=cond
     )
 
-    field, s0, s1 = ode.velocity_and_span(model, time, t0, t1)
+    flow = ode.time_change(model, time, t0, t1)
 
-    def velocity(s, zz):
-        return constrain(field(s, zz), batch_sharding)
+    def velocity(s, y):
+        return constrain(flow.field(s, y), batch_sharding)
 
     tangents = _tangents(z, key, trace, num_probes, probe)
-    # The step size is controlled on z alone: int div dt is a quadrature along z's path, and
-    # its error estimate is rounding noise that would let the device count pick the steps.
-    y0 = (z, constrain(jnp.zeros(z.shape[:1], z.dtype), batch_sharding))
-    (z_end, delta), num_steps = ode.integrate(
-        _divergence_fn(velocity, trace), y0, s0, s1, solver=solver, steps=steps, rtol=rtol,
-        atol=atol, max_steps=max_steps, args=tangents, control=lambda y: y[0],
+    # The step size is controlled on the state alone: int div ds is a quadrature along its path,
+    # and its error estimate is rounding noise that would let the device count pick the steps.
+    y0 = (flow.scale0 * z, constrain(jnp.zeros(z.shape[:1], z.dtype), batch_sharding))
+    (y_end, div_integral), num_steps = ode.integrate(
+        _divergence_fn(velocity, trace), y0, flow.s0, flow.s1, solver=solver, steps=steps,
+        rtol=rtol, atol=atol, max_steps=max_steps, args=tangents, control=lambda y: y[0],
     )  # fmt: skip
     d = math.prod(z.shape[1:])
+    z_end = y_end / flow.scale1
+    # y = scale * z: the density of z is that of y times scale^D at each end.
+    delta = div_integral + d * (jnp.log(flow.scale0) - jnp.log(flow.scale1))
     flat = z_end.reshape(z.shape[0], -1)
     prior = -0.5 * jnp.sum(jnp.square(flat), axis=1) - 0.5 * d * math.log(2 * math.pi)
     return {

@@ -28,6 +28,7 @@ solver tolerance). Within one sharded run the steps are always shared.
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import diffrax
 import jax
@@ -68,16 +69,48 @@ def log_snr_drift(model: EpsModel, g, z):
     return 0.5 * sigma * (model.eps(z, model.time_of(g)) - sigma * z)
 
 
-TIMES = ("t", "log_snr")
+def ve_drift(model: EpsModel, u, x, log_time: bool):
+    """The PF-ODE of the scaled state x = z / alpha in EDM's time sigma~ = sigma / alpha =
+    exp(gamma / 2): dx/dsigma~ = eps_hat(alpha x, t), or sigma~ eps_hat in u = log sigma~.
+
+    The VP drift's linear part (-0.5 gamma' sigma^2 z) is gone, so on data whose denoiser
+    changes slowly the paths are close to straight lines (DDIM is Euler on this ODE).
+    """
+    g = 2.0 * u if log_time else 2.0 * jnp.log(u)
+    alpha = jnp.sqrt(jax.nn.sigmoid(-g))
+    eps = model.eps(alpha * x, model.time_of(g))
+    return jnp.exp(0.5 * g) * eps if log_time else eps
 
 
-def velocity_and_span(model: EpsModel, time: str, t0, t1):
-    """(field(s, z), s0, s1): the PF-ODE in time variable `time` (t or log_snr = gamma) and
-    the integration range that corresponds to t0 -> t1."""
+class OdeTime(NamedTuple):
+    """The PF-ODE between t0 and t1 in one time variable: dy/ds = field(s, y) for s from s0
+    to s1, with the state y = scale * z at either end (scale 1 except for the scaled state of
+    sigma and log_sigma, where a density of y is one of z times scale^-D)."""
+
+    field: Callable
+    s0: jax.Array | float
+    s1: jax.Array | float
+    scale0: jax.Array | float  # y = scale0 * z at s0
+    scale1: jax.Array | float  # y = scale1 * z at s1
+
+
+# t and log_snr integrate z itself; sigma and log_sigma the scaled state z / alpha.
+TIMES = ("t", "log_snr", "sigma", "log_sigma")
+
+
+def time_change(model: EpsModel, time: str, t0, t1) -> OdeTime:
+    """The PF-ODE from t0 to t1 in time variable `time` (one of TIMES)."""
     if time == "t":
-        return (lambda s, z: drift(model, s, z)), t0, t1
+        return OdeTime(lambda s, z: drift(model, s, z), t0, t1, 1.0, 1.0)
+    g0, g1 = model.gamma(t0), model.gamma(t1)
     if time == "log_snr":
-        return (lambda s, z: log_snr_drift(model, s, z)), model.gamma(t0), model.gamma(t1)
+        return OdeTime(lambda s, z: log_snr_drift(model, s, z), g0, g1, 1.0, 1.0)
+    if time in ("sigma", "log_sigma"):
+        log_time = time == "log_sigma"
+        s0, s1 = (0.5 * g0, 0.5 * g1) if log_time else (jnp.exp(0.5 * g0), jnp.exp(0.5 * g1))
+        inv_alpha = lambda g: jnp.sqrt(1.0 + jnp.exp(g))  # noqa: E731 - 1 / alpha of gamma
+        field = lambda s, x: ve_drift(model, s, x, log_time)  # noqa: E731
+        return OdeTime(field, s0, s1, inv_alpha(g0), inv_alpha(g1))
     raise ValueError(f"Unknown ODE time {time!r}; use one of {TIMES}.")
 
 
@@ -172,17 +205,18 @@ def integrate(
 def flow(model: EpsModel, z, t0: float, t1: float, *, batch_sharding=None, time: str = "t",
          **solver_options):  # fmt: skip
     """Transports z from time t0 to t1 along the PF-ODE (t1 > t0 encodes, t1 < t0 decodes),
-    integrating in t or in gamma (time='log_snr'; fixed grids are then uniform in log-SNR).
+    integrating in any of TIMES (fixed grids are then uniform in that variable).
 
     Returns:
       (z at t1, solver steps).
     """
-    field, s0, s1 = velocity_and_span(model, time, t0, t1)
+    ode = time_change(model, time, t0, t1)
 
-    def velocity(s, z, args):
-        return constrain(field(s, z), batch_sharding)
+    def velocity(s, y, args):
+        return constrain(ode.field(s, y), batch_sharding)
 
-    return integrate(velocity, z, s0, s1, **solver_options)
+    y1, steps = integrate(velocity, ode.scale0 * z, ode.s0, ode.s1, **solver_options)
+    return y1 / ode.scale1, steps
 
 
 @SAMPLERS.register("ode")
@@ -201,7 +235,8 @@ def sample(
     batch_sharding=None,
 ):
     """PF-ODE sampling from z_1 ~ N(0, I) down to t_eps (0: VDM's finite gamma_min needs no
-    cut-off), integrated in t or in log-SNR (time='log_snr'); returns z at t_eps."""
+    cut-off), integrated in any of TIMES (t, log_snr, or EDM's sigma / log_sigma with the
+    state z / alpha); returns z at t_eps."""
     z1 = normal(key, shape, batch_sharding)
     z, _ = flow(
         model, z1, 1.0, t_eps, batch_sharding=batch_sharding, time=time, solver=solver,

@@ -21,6 +21,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from vdm.run.supervisor import VERBOSE_ARGS
+
 config_flags.DEFINE_config_file(
     "config", None, "Experiment config file[:variant].", lock_config=True
 )
@@ -51,9 +53,6 @@ flags.DEFINE_integer(
 flags.DEFINE_bool("verbose", False, "On an error, show the Python traceback too.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
-
-
-VERBOSE_ARGS = ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1")
 
 
 def _message(err: BaseException) -> str:

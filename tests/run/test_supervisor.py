@@ -10,8 +10,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from vdm.run import supervisor
 
 ARGS = ["--config=c.py", "--workdir=W", "--num_processes=2", "--process_id=1"]
@@ -95,7 +93,6 @@ def test_the_childs_exit_status_and_signal_are_the_parents(tmp_path):
     assert killed.returncode == -signal.SIGKILL
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="SIGTERM forwarding is tested on Linux")
 def test_sigterm_to_the_parent_reaches_the_child(tmp_path):
     ready = tmp_path / "ready"
     child = tmp_path / "child.py"

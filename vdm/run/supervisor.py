@@ -35,6 +35,7 @@ CHILD_MARK = "VDM_SUPERVISED"  # set in the child's environment: it must not sup
 FATAL = b"Terminating process because the JAX distributed service detected fatal errors"
 LEADER_LOST = "leader task was preempted/died"
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
+VERBOSE_ARGS = ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1")  # vdm.main's too
 _PR_SET_PDEATHSIG = 1
 
 
@@ -53,7 +54,7 @@ def wanted(argv: list[str], environ) -> bool:
     """Whether this `python -m vdm.main` (args `argv`) should run its job as a child."""
     if environ.get(CHILD_MARK) or environ.get("VDM_SUPERVISE", "1") == "0":
         return False
-    if any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv):
+    if any(a in VERBOSE_ARGS for a in argv):
         return False
     num = flag_value(argv, "num_processes", environ.get("VDM_NUM_PROCESSES", "1"))
     try:
@@ -75,8 +76,9 @@ def lost_coordinator_message(fatal: str, argv: list[str], environ) -> str:
         status = fatal.split("absl::Status:", 1)[-1].strip()
         what = f"Process {me} of {num} stopped: the coordination service failed ({status})"
     workdir = flag_value(argv, "workdir")
-    ckpts = os.path.join(workdir, "checkpoints") if workdir else None
-    where = checkpoint_files.describe_latest(ckpts) if ckpts else ""
+    where = (
+        checkpoint_files.describe_latest(os.path.join(workdir, "checkpoints")) if workdir else ""
+    )
     return f"{what}. {where} Relaunch all processes with the same command to resume."
 
 

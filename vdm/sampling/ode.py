@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from vdm.core.diffusion import alpha_sigma
 from vdm.sampling.model import EpsModel
 from vdm.sampling.registries import SAMPLERS
 from vdm.sampling.sharded import constrain, explicit_axes, normal
@@ -77,7 +78,7 @@ def ve_drift(model: EpsModel, u, x, log_time: bool):
     changes slowly the paths are close to straight lines (DDIM is Euler on this ODE).
     """
     g = 2.0 * u if log_time else 2.0 * jnp.log(u)
-    alpha = jnp.sqrt(jax.nn.sigmoid(-g))
+    alpha, _ = alpha_sigma(g)
     eps = model.eps(alpha * x, model.time_of(g))
     return jnp.exp(0.5 * g) * eps if log_time else eps
 
@@ -108,9 +109,8 @@ def time_change(model: EpsModel, time: str, t0, t1) -> OdeTime:
     if time in ("sigma", "log_sigma"):
         log_time = time == "log_sigma"
         s0, s1 = (0.5 * g0, 0.5 * g1) if log_time else (jnp.exp(0.5 * g0), jnp.exp(0.5 * g1))
-        inv_alpha = lambda g: jnp.sqrt(1.0 + jnp.exp(g))  # noqa: E731 - 1 / alpha of gamma
         field = lambda s, x: ve_drift(model, s, x, log_time)  # noqa: E731
-        return OdeTime(field, s0, s1, inv_alpha(g0), inv_alpha(g1))
+        return OdeTime(field, s0, s1, 1.0 / alpha_sigma(g0)[0], 1.0 / alpha_sigma(g1)[0])
     raise ValueError(f"Unknown ODE time {time!r}; use one of {TIMES}.")
 
 

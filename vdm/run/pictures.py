@@ -7,13 +7,19 @@ becomes a scatter plot of the first two coordinates. The schedule plot shows log
 
 import math
 
-import matplotlib
+import numpy as np
+from PIL import Image
 
-matplotlib.use("Agg")  # files only: no display on training machines
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on training machines),
+    imported on first plot: it is 0.5 s of every `python -m vdm.main` start-up otherwise."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    return plt
 
 
 def to_uint8(samples, vocab_size: int | None) -> np.ndarray:
@@ -72,6 +78,7 @@ def save_samples(path, samples, vocab_size: int | None) -> np.ndarray | None:
         Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
         return grid
     pts = x.reshape(x.shape[0], -1)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4, 4))
     if pts.shape[1] >= 2:
         ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=0.6)
@@ -94,6 +101,7 @@ def save_schedule_plot(path, t, gamma, *, title: str = "learned noise schedule")
       title: plot title.
     """
     t, gamma = np.asarray(t), np.asarray(gamma)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(t, -gamma)
     ax.set_xlabel("t")

@@ -30,7 +30,6 @@ import math
 from collections.abc import Callable
 from typing import NamedTuple
 
-import diffrax
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -40,12 +39,15 @@ from vdm.sampling.model import EpsModel
 from vdm.sampling.registries import SAMPLERS
 from vdm.sampling.sharded import constrain, explicit_axes, normal
 
+# Solver name -> diffrax class name. diffrax (with equinox and optimistix) is imported on first
+# solve, not with this module: it is 0.6 s of every `python -m vdm.main` start-up otherwise,
+# and most jobs (training, ancestral sampling, the ELBO) never solve an ODE.
 SOLVERS = {
-    "euler": diffrax.Euler,
-    "heun": diffrax.Heun,
-    "tsit5": diffrax.Tsit5,
-    "dopri5": diffrax.Dopri5,
-    "dopri8": diffrax.Dopri8,  # 8th order: fewer, costlier steps at tight tolerances
+    "euler": "Euler",
+    "heun": "Heun",
+    "tsit5": "Tsit5",
+    "dopri5": "Dopri5",
+    "dopri8": "Dopri8",  # 8th order: fewer, costlier steps at tight tolerances
 }
 ADAPTIVE = ("tsit5", "dopri5", "dopri8")
 # Network evaluations per adaptive step (stages, less the first-same-as-last one reused).
@@ -165,6 +167,7 @@ def integrate(
     if solver not in SOLVERS:
         raise ValueError(f"Unknown ODE solver {solver!r}; choose one of {sorted(SOLVERS)}.")
     adaptive = solver in ADAPTIVE
+    import diffrax  # noqa: PLC0415 - deferred: see SOLVERS
 
     def solve(y0, args, t0, t1):
         # Everything array-valued is built in here, so it lives in solve's sharding mode; the
@@ -178,7 +181,7 @@ def integrate(
             dt0, budget = None, steps
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(vector_field),
-            SOLVERS[solver](),
+            getattr(diffrax, SOLVERS[solver])(),
             t0,
             t1,
             dt0,

@@ -1,12 +1,12 @@
 """PF-ODE likelihood cost: solver steps and network evaluations against accuracy, integrating
-in t or in log-SNR (issue 14, target 2), on a trained workdir.
+in t, in log-SNR or in EDM's sigma (issue 14, target 2), on a trained workdir.
 
 Why: an ODE bits/dim costs one adaptive solve per batch, and its price is the number of steps
 the controller needs at a tolerance. In t the velocity carries gamma'(t), which a learned
-schedule makes uneven; in gamma = -log SNR it drops out (vdm.sampling.ode.velocity_and_span),
-so the same tolerance may need fewer steps. This measures both on the same checkpoint, the
-same examples and the same Hutchinson probes (one key), so the difference between two rows is
-the solver's alone.
+schedule makes uneven; in gamma = -log SNR it drops out, and in sigma / alpha (state z / alpha)
+the flow of a Gaussian is straight (vdm.sampling.ode.time_change), so the same tolerance may
+need fewer steps. This measures them on the same checkpoint, the same examples and the same
+Hutchinson probes (one key), so the difference between two rows is the solver's alone.
 
 For each (time variable, rtol = atol): the ode estimator of `--mode=eval`
 (vdm.run.evaluate.estimate) over the split, with its bits/dim, solver steps (mean over
@@ -16,7 +16,7 @@ is the distance to a reference solve (--reference_solver at --reference_tol, in 
 probes).
 
   python -m experiments.bench_ode_nll --workdir=runs/digits [--tols=1e-5,1e-4,1e-3]
-      [--times=t,log_snr] [--solvers=tsit5,dopri8] [--max_examples=-1]
+      [--times=t,log_snr,sigma] [--solvers=tsit5,dopri8] [--max_examples=-1]
       [--config.data.eval_batch_size=64] [--out=experiments/results]
 
 Writes ode_nll.md and ode_nll.json to --out.

@@ -9,16 +9,11 @@ Tests that start processes or subprocesses carry `@pytest.mark.slow`: `pytest -m
 is the quick loop, plain `pytest` runs everything.
 """
 
-import os
 import shutil
 
+import jax
+import pytest
 import train_helpers as th
-
-# Before any test starts JAX's CPU backend (which reads XLA_FLAGS once): see TEST_XLA_FLAGS.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {th.TEST_XLA_FLAGS}".strip()
-
-import jax  # noqa: E402 - after XLA_FLAGS
-import pytest  # noqa: E402
 
 
 @pytest.fixture

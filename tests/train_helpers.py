@@ -28,12 +28,6 @@ CONFIG = str(REPO / "configs" / "digits.py")
 
 JAX_CACHE = os.path.join(tempfile.gettempdir(), "vdm-tests-jax-cache")
 
-# XLA:CPU flags of every test process and subprocess. Most of the suite's time is compiling
-# small programs that then run for milliseconds: LLVM at -O1 instead of XLA's default -O2 cut
-# the compile of the digits U-Net's train step by 12% and two compile-bound test files by 10%
-# (2-vCPU AMD EPYC), computing the same programs (tests compare runs made with the same flags).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
-
 # Overrides turning the default config into a seconds-long run. The learning rate is high and
 # the EMA short so that a wrongly restored optimiser or EMA state shows up in the losses.
 TINY = {
@@ -89,7 +83,7 @@ def overrides(**extra) -> list[str]:
 def env_for(devices: int = 1) -> dict:
     """Environment of a subprocess with `devices` simulated CPU devices."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     # Subprocesses of one test compile the same programs; the persistent cache shares them
     # (a cached executable is the same executable, so bitwise comparisons are unaffected).

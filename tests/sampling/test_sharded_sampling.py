@@ -128,8 +128,8 @@ print("RESULTS " + json.dumps(results))
 
 
 def _run_child() -> dict:
-    flags = f"--xla_force_host_platform_device_count=4 {th.TEST_XLA_FLAGS}"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600
     )

@@ -78,7 +78,7 @@ def solve(run, params, time_var: str, tol: float, max_examples: int, solver="tsi
 
 def markdown(rows, ref, meta) -> str:
     lines = [
-        f"# PF-ODE bits/dim: steps and accuracy, in each time variable ({meta['examples']} examples)",
+        f"# PF-ODE bits/dim: steps and accuracy by ODE time ({meta['examples']} examples)",
         "",
         f"{meta['date']}, {meta['machine']}, jax {jax.__version__}. Model: {meta['workdir']} "
         f"(step {meta['step']}, EMA). Trace: {meta['trace']} (the same probes in every row). "

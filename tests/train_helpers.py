@@ -179,6 +179,28 @@ def train_losses(workdir) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in records}
 
 
+def logged_losses(workdir) -> dict[int, float]:
+    """step -> train/loss of every complete train record (a later record of a step replaces an
+    earlier; a killed run's last line, possibly cut mid-write, is skipped)."""
+    records = []
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def logged_past_checkpoint(workdir) -> bool:
+    """Whether a run has a complete checkpoint and a train record of a later step (so that a
+    fault now leaves steps to recompute after the restore)."""
+    steps = checkpoint_steps(workdir)
+    try:
+        return bool(steps) and max(logged_losses(workdir), default=0) > steps[-1]
+    except OSError:  # no metrics file yet
+        return False
+
+
 def checkpoint_steps(workdir) -> list[int]:
     """Finalised checkpoint steps on disk (orbax renames a step dir only when complete)."""
     path = Path(workdir) / "checkpoints"

@@ -13,7 +13,6 @@ through the tests' persistent compilation cache.
 """
 
 import itertools
-import json
 import signal
 
 import numpy as np
@@ -48,27 +47,6 @@ def final_eval(workdir) -> dict:
     return [r for r in th.read_metrics(workdir) if "eval/bpd" in r][-1]
 
 
-def _logged_losses(workdir) -> dict[int, float]:
-    """step -> train/loss of a run's complete metrics lines (a killed run's last may be cut)."""
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
-
-
-def _past_checkpoint(run) -> bool:
-    """Whether `run` has a finalised checkpoint and a logged step after it."""
-    steps = th.checkpoint_steps(run)
-    try:
-        return bool(steps) and max(_logged_losses(run), default=0) > steps[-1]
-    except OSError:  # no metrics file yet
-        return False
-
-
 def kill_and_resume(tmp_path, steps=40, run_flags=(), **extra):
     """The run SIGKILLed once it has logged a step past a checkpoint, then relaunched: the
     relaunch resumes from the checkpoint, recomputes the steps the killed launch logged after
@@ -83,11 +61,11 @@ def kill_and_resume(tmp_path, steps=40, run_flags=(), **extra):
     env.pop("TF_ENABLE_ONEDNN_OPTS", None)
     log = tmp_path / "killed.log"
     proc = th.spawn_main(run, *all_flags, env=env, log=log)
-    th.wait_for(lambda: _past_checkpoint(run), timeout=300, proc=proc, interval=0.01)
+    th.wait_for(lambda: th.logged_past_checkpoint(run), timeout=300, proc=proc, interval=0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, log.read_text()[-3000:]
     assert not (run / "DONE").exists()
-    first, ckpt = _logged_losses(run), th.checkpoint_steps(run)[-1]
+    first, ckpt = th.logged_losses(run), th.checkpoint_steps(run)[-1]
     redone = [step for step in first if step > ckpt]
     assert redone, "the killed launch logged nothing after its last checkpoint"
     th.run_main(run, *all_flags)

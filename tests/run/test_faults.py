@@ -14,7 +14,6 @@
   earlier checkpoint is intact (resuming from it: the lost-process test above).
 """
 
-import json
 import os
 import signal
 import time
@@ -60,28 +59,11 @@ def stop_all(procs) -> None:
             p.kill()
 
 
-def logged_losses(workdir) -> dict[int, float]:
-    """step -> loss of every train record (a later record of a step replaces an earlier)."""
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
-
-
-def logged_past_checkpoint(run) -> bool:
-    """Whether `run` has a complete checkpoint and a train record of a later step (so that a
-    fault now leaves steps to recompute after the restore)."""
-    steps = th.checkpoint_steps(run)
-    try:
-        return bool(steps) and max(logged_losses(run), default=0) > steps[-1]
-    except (OSError, ValueError):  # no metrics file yet, or a line still being written
-        return False
-
-
 def relaunch_reproduces(run, tmp_path) -> None:
     """Relaunches both processes on `run` (stopped by a fault) a little past the step its
     launch reached: they resume from the last checkpoint and recompute the steps logged after
     it to the same losses, bit for bit."""
-    first = logged_losses(run)
+    first = th.logged_losses(run)
     ckpt = th.checkpoint_steps(run)[-1]
     redone = [s for s in first if s > ckpt]
     assert redone, "the killed launch logged nothing after its last checkpoint"
@@ -91,7 +73,7 @@ def relaunch_reproduces(run, tmp_path) -> None:
     )
     assert codes == [0, 0], logs
     assert f"Resuming at step {ckpt} on 2 devices / 2 processes" in logs, logs
-    second = logged_losses(run)
+    second = th.logged_losses(run)
     assert sorted(second) == list(range(1, end + 1))
     for step in redone:  # recomputed after the restore: the same losses, bit for bit
         assert second[step] == first[step], (step, first[step], second[step])
@@ -101,7 +83,9 @@ def test_lost_process_stops_the_survivor_with_one_message_and_relaunch_resumes(t
     run = tmp_path / "run"
     procs = spawn_pair(run, tmp_path, *th.overrides(**LONG))
     try:
-        th.wait_for(lambda: logged_past_checkpoint(run), timeout=300, proc=procs[0], interval=0.05)
+        th.wait_for(
+            lambda: th.logged_past_checkpoint(run), timeout=300, proc=procs[0], interval=0.05
+        )
         procs[1].send_signal(signal.SIGKILL)
         killed_at = time.time()
         code = procs[0].wait(timeout=120)  # a hang fails here
@@ -130,7 +114,9 @@ def test_the_coordinator_lost_stops_the_other_process_with_one_message_and_relau
     run = tmp_path / "run"
     procs = spawn_pair(run, tmp_path, *th.overrides(**LONG))
     try:
-        th.wait_for(lambda: logged_past_checkpoint(run), timeout=300, proc=procs[1], interval=0.05)
+        th.wait_for(
+            lambda: th.logged_past_checkpoint(run), timeout=300, proc=procs[1], interval=0.05
+        )
         procs[0].send_signal(signal.SIGKILL)
         killed_at = time.time()
         code = procs[1].wait(timeout=120)
@@ -163,7 +149,7 @@ def test_sigterm_checkpoints_both_processes_at_one_step_and_exits_0(tmp_path, ta
     logs = "\n".join((tmp_path / f"proc{i}.log").read_text()[-3000:] for i in range(2))
     assert codes == [0, 0], logs
     steps = th.checkpoint_steps(run)
-    last = logged_losses(run)
+    last = th.logged_losses(run)
     # The preemption checkpoint is at the step both processes stopped at (the last logged).
     assert steps[-1] == max(last), (steps, max(last))
     assert not (run / "DONE").exists()

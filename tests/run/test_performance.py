@@ -70,7 +70,7 @@ def test_bfloat16_loss_matches_float32():
 
 
 CHILD = r"""
-import json, sys
+import json
 import jax, numpy as np
 import train_helpers as th  # tests/ is on PYTHONPATH
 from vdm import parallel

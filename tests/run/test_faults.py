@@ -6,8 +6,8 @@
   and recomputes the steps the killed launch had logged after it to the same losses.
 - The coordinator (process 0) killed: the other process stops at once with one message (its
   supervising parent replaces jaxlib's fatal log and stack dump), and a relaunch resumes.
-- SIGTERM to one process only, or to both a moment apart (a preempted pod): both processes
-  agree at the next log step, write one checkpoint at the same step and exit 0.
+- SIGTERM to one process of two, or to each of four a moment apart (a preempted pod): the
+  processes agree at the next log step, write one checkpoint at the same step and exit 0.
 - A full disk on one process only (its checkpoint writer raises ENOSPC, injected by
   tests/faulty_main.py): the save of that step fails on both (the other's in the save's
   collective), both stop with exit 1, the other's message quoting the full disk, and the
@@ -36,20 +36,22 @@ FAULTY_MAIN = os.path.join(th.REPO, "tests", "faulty_main.py")
 DUMPS = ("Check failure", "*** SIGABRT", "Stack trace", "Fatal Python error")
 
 
-def spawn_pair(workdir, logs_dir, *flags, tag="", envs=(None, None), entry=("-m", "vdm.main")):
+def spawn_group(workdir, logs_dir, *flags, tag="", envs=None, entry=("-m", "vdm.main"), num=2):
+    """`num` (default 2) localhost processes of one run; envs[i] is process i's environment."""
     port = th.free_port()
+    envs = envs or (None,) * num
     return [
         th.spawn_main(
             workdir,
             *flags,
             f"--coordinator_address=127.0.0.1:{port}",
-            "--num_processes=2",
+            f"--num_processes={num}",
             f"--process_id={i}",
             log=logs_dir / f"proc{i}{tag}.log",
             env=envs[i],
             entry=entry,
         )  # fmt: skip
-        for i in range(2)
+        for i in range(num)
     ]
 
 
@@ -81,7 +83,7 @@ def relaunch_reproduces(run, tmp_path) -> None:
 
 def test_lost_process_stops_the_survivor_with_one_message_and_relaunch_resumes(tmp_path):
     run = tmp_path / "run"
-    procs = spawn_pair(run, tmp_path, *th.overrides(**LONG))
+    procs = spawn_group(run, tmp_path, *th.overrides(**LONG))
     try:
         th.wait_for(
             lambda: th.logged_past_checkpoint(run), timeout=300, proc=procs[0], interval=0.05
@@ -112,7 +114,7 @@ def test_the_coordinator_lost_stops_the_other_process_with_one_message_and_relau
     parent of each process (vdm/run/supervisor.py) turns that into our one message. Killing
     process 0's parent also proves the job dies with its parent (else nothing would be lost)."""
     run = tmp_path / "run"
-    procs = spawn_pair(run, tmp_path, *th.overrides(**LONG))
+    procs = spawn_group(run, tmp_path, *th.overrides(**LONG))
     try:
         th.wait_for(
             lambda: th.logged_past_checkpoint(run), timeout=300, proc=procs[1], interval=0.05
@@ -133,25 +135,30 @@ def test_the_coordinator_lost_stops_the_other_process_with_one_message_and_relau
     relaunch_reproduces(run, tmp_path)
 
 
-@pytest.mark.parametrize("targets", ["one", "both"])
-def test_sigterm_checkpoints_both_processes_at_one_step_and_exits_0(tmp_path, targets):
+# One process of two told; or a preempted pod of four, every process told at its own moment
+# (process 0, which hosts the coordination service, neither first nor last).
+@pytest.mark.parametrize(("num", "order"), [(2, [1]), (4, [3, 0, 2, 1])], ids=["one", "pod"])
+def test_sigterm_checkpoints_every_process_at_one_step_and_exits_0(tmp_path, num, order):
     run = tmp_path / "run"
-    procs = spawn_pair(run, tmp_path, *th.overrides(**LONG))
+    procs = spawn_group(run, tmp_path, *th.overrides(**LONG), num=num)
     try:
         th.wait_for(lambda: th.checkpoint_steps(run), timeout=300, proc=procs[0], interval=0.05)
-        procs[1].send_signal(signal.SIGTERM)
-        if targets == "both":  # a preempted pod: every process is told, not at the same moment
-            time.sleep(0.7)
-            procs[0].send_signal(signal.SIGTERM)
+        for k, i in enumerate(order):
+            if k:
+                time.sleep(0.3)
+            procs[i].send_signal(signal.SIGTERM)
         codes = [p.wait(timeout=120) for p in procs]
     finally:
         stop_all(procs)
-    logs = "\n".join((tmp_path / f"proc{i}.log").read_text()[-3000:] for i in range(2))
-    assert codes == [0, 0], logs
+    logs = "\n".join((tmp_path / f"proc{i}.log").read_text()[-3000:] for i in range(num))
+    assert codes == [0] * num, logs
     steps = th.checkpoint_steps(run)
     last = th.logged_losses(run)
     # The preemption checkpoint is at the step both processes stopped at (the last logged).
     assert steps[-1] == max(last), (steps, max(last))
+    for i in range(num):  # each process reports that one checkpoint, however late it was told
+        text = (tmp_path / f"proc{i}.log").read_text()
+        assert f"Preempted: saved {run / 'checkpoints' / str(steps[-1])};" in text, (i, logs)
     assert not (run / "DONE").exists()
     for dump in DUMPS:
         assert dump not in logs, logs
@@ -162,7 +169,7 @@ def test_a_full_disk_on_one_process_stops_both_and_keeps_the_last_checkpoint(tmp
     flags = th.overrides(**LONG)
     full = dict(th.env_for(), VDM_TEST_SAVES_BEFORE_ENOSPC="1")  # process 1: only save 1 works
     # python tests/faulty_main.py instead of python -m vdm.main (the same run without the env).
-    procs = spawn_pair(run, tmp_path, *flags, envs=(th.env_for(), full), entry=(FAULTY_MAIN,))
+    procs = spawn_group(run, tmp_path, *flags, envs=(th.env_for(), full), entry=(FAULTY_MAIN,))
     try:
         codes = [p.wait(timeout=180) for p in procs]  # a hang fails here
     finally:

@@ -70,16 +70,15 @@ def tag(name, opts):
 for name, opts in SAMPLERS:
     compare(tag(name, opts), lambda s: samplers.sample_z0(
         name, mix, sched, params, key, (B, 3), steps=6, batch_sharding=s, **opts))
-# DPM-Solver++ and UniPC under classifier-free guidance at w = 3, which evaluates both the
-# conditional and the null-label branch, each with the sharded labels (w = 0 and 1 take one
-# branch each; what they compute is tested in tests/sampling/test_samplers.py). A guided
-# PF-ODE is not run sharded yet: its labels, closed over by the vector field, are
-# Explicit-sharded arrays inside the solve's Auto mode.
+# DPM-Solver++ and UniPC under classifier-free guidance: unconditional, conditional, 3. (A
+# guided PF-ODE is not run sharded yet: its labels, closed over by the vector field, are
+# Explicit-sharded arrays inside the solve's Auto mode.)
 for name, opts in SAMPLERS[-4:]:
-    compare(f"cfg_{tag(name, opts)}", lambda s: samplers.sample(
-        name, mix, sched, params, key, (B, 3), vocab_size=None, steps=6,
-        cond={"label": jax.device_put(labels, s)}, guidance=3.0, num_classes=2,
-        batch_sharding=s, **opts))
+    for w in (0.0, 1.0, 3.0):
+        compare(f"cfg_{tag(name, opts)}_{w:g}", lambda s: samplers.sample(
+            name, mix, sched, params, key, (B, 3), vocab_size=None, steps=6,
+            cond={"label": jax.device_put(labels, s)}, guidance=w, num_classes=2,
+            batch_sharding=s, **opts))
 
 def guided(s):
     cond = {"label": jax.device_put(labels, s)}
@@ -147,7 +146,7 @@ def results(tmp_path_factory):
 
 NEW = ["odeheunlog_snr", "dpm_solver2", "dpm_solver3", "unipc2", "unipc3"]  # in log-SNR
 SAMPLED = ["ancestral", "ddpm", "ddim", "sde", "pc", "langevin", "odeheun", "odetsit5", "cfg",
-           *NEW, *(f"cfg_{n}" for n in NEW[1:])]  # fmt: skip
+           *NEW, *(f"cfg_{n}_{w}" for n in NEW[1:] for w in (0, 1, 3))]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", SAMPLED + ["ode_log_prob", "ode_nll_decoder"])

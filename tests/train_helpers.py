@@ -139,11 +139,15 @@ def spawn_main(
     )
 
 
-def run_processes(workdir, *flags, logs_dir, mode: str = "train", num: int = 2):
-    """Runs vdm.main as `num` localhost processes joined by jax.distributed; returns
-    (exit codes, the tail of each process's log joined)."""
+def spawn_processes(
+    workdir, *flags, logs_dir, num: int = 2, mode: str = "train", envs=None,
+    entry=("-m", "vdm.main"),
+) -> list[subprocess.Popen]:  # fmt: skip
+    """Starts vdm.main as `num` localhost processes of one run joined by jax.distributed
+    (process i logs to logs_dir/proc{i}.log and runs in envs[i], default env_for())."""
     port = free_port()
-    procs = [
+    envs = envs or (None,) * num
+    return [
         spawn_main(
             workdir,
             *flags,
@@ -151,10 +155,18 @@ def run_processes(workdir, *flags, logs_dir, mode: str = "train", num: int = 2):
             f"--num_processes={num}",
             f"--process_id={i}",
             mode=mode,
+            env=envs[i],
             log=logs_dir / f"proc{i}.log",
+            entry=entry,
         )  # fmt: skip
         for i in range(num)
     ]
+
+
+def run_processes(workdir, *flags, logs_dir, mode: str = "train", num: int = 2):
+    """Runs vdm.main as `num` localhost processes joined by jax.distributed; returns
+    (exit codes, the tail of each process's log joined)."""
+    procs = spawn_processes(workdir, *flags, logs_dir=logs_dir, num=num, mode=mode)
     try:
         codes = [p.wait(timeout=300) for p in procs]
     finally:
@@ -165,10 +177,17 @@ def run_processes(workdir, *flags, logs_dir, mode: str = "train", num: int = 2):
     return codes, logs
 
 
-def read_metrics(workdir) -> list[dict]:
-    """The records of workdir/metrics.jsonl."""
-    path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(workdir, skip_cut: bool = False) -> list[dict]:
+    """The records of workdir/metrics.jsonl (`skip_cut`: leave out lines that do not parse, as
+    a killed run's last line, cut mid-write, may not)."""
+    records = []
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if line.strip() and not skip_cut:
+                raise
+    return records
 
 
 def train_losses(workdir) -> dict[int, float]:
@@ -182,12 +201,7 @@ def train_losses(workdir) -> dict[int, float]:
 def logged_losses(workdir) -> dict[int, float]:
     """step -> train/loss of every complete train record (a later record of a step replaces an
     earlier; a killed run's last line, possibly cut mid-write, is skipped)."""
-    records = []
-    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pass
+    records = read_metrics(workdir, skip_cut=True)
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 

@@ -36,25 +36,6 @@ FAULTY_MAIN = os.path.join(th.REPO, "tests", "faulty_main.py")
 DUMPS = ("Check failure", "*** SIGABRT", "Stack trace", "Fatal Python error")
 
 
-def spawn_group(workdir, logs_dir, *flags, tag="", envs=None, entry=("-m", "vdm.main"), num=2):
-    """`num` (default 2) localhost processes of one run; envs[i] is process i's environment."""
-    port = th.free_port()
-    envs = envs or (None,) * num
-    return [
-        th.spawn_main(
-            workdir,
-            *flags,
-            f"--coordinator_address=127.0.0.1:{port}",
-            f"--num_processes={num}",
-            f"--process_id={i}",
-            log=logs_dir / f"proc{i}{tag}.log",
-            env=envs[i],
-            entry=entry,
-        )  # fmt: skip
-        for i in range(num)
-    ]
-
-
 def stop_all(procs) -> None:
     for p in procs:
         if p.poll() is None:
@@ -83,7 +64,7 @@ def relaunch_reproduces(run, tmp_path) -> None:
 
 def test_lost_process_stops_the_survivor_with_one_message_and_relaunch_resumes(tmp_path):
     run = tmp_path / "run"
-    procs = spawn_group(run, tmp_path, *th.overrides(**LONG))
+    procs = th.spawn_processes(run, *th.overrides(**LONG), logs_dir=tmp_path)
     try:
         th.wait_for(
             lambda: th.logged_past_checkpoint(run), timeout=300, proc=procs[0], interval=0.05
@@ -114,7 +95,7 @@ def test_the_coordinator_lost_stops_the_other_process_with_one_message_and_relau
     parent of each process (vdm/run/supervisor.py) turns that into our one message. Killing
     process 0's parent also proves the job dies with its parent (else nothing would be lost)."""
     run = tmp_path / "run"
-    procs = spawn_group(run, tmp_path, *th.overrides(**LONG))
+    procs = th.spawn_processes(run, *th.overrides(**LONG), logs_dir=tmp_path)
     try:
         th.wait_for(
             lambda: th.logged_past_checkpoint(run), timeout=300, proc=procs[1], interval=0.05
@@ -140,7 +121,7 @@ def test_the_coordinator_lost_stops_the_other_process_with_one_message_and_relau
 @pytest.mark.parametrize(("num", "order"), [(2, [1]), (4, [3, 0, 2, 1])], ids=["one", "pod"])
 def test_sigterm_checkpoints_every_process_at_one_step_and_exits_0(tmp_path, num, order):
     run = tmp_path / "run"
-    procs = spawn_group(run, tmp_path, *th.overrides(**LONG), num=num)
+    procs = th.spawn_processes(run, *th.overrides(**LONG), logs_dir=tmp_path, num=num)
     try:
         th.wait_for(lambda: th.checkpoint_steps(run), timeout=300, proc=procs[0], interval=0.05)
         for k, i in enumerate(order):
@@ -169,7 +150,9 @@ def test_a_full_disk_on_one_process_stops_both_and_keeps_the_last_checkpoint(tmp
     flags = th.overrides(**LONG)
     full = dict(th.env_for(), VDM_TEST_SAVES_BEFORE_ENOSPC="1")  # process 1: only save 1 works
     # python tests/faulty_main.py instead of python -m vdm.main (the same run without the env).
-    procs = spawn_group(run, tmp_path, *flags, envs=(th.env_for(), full), entry=(FAULTY_MAIN,))
+    procs = th.spawn_processes(
+        run, *flags, logs_dir=tmp_path, envs=(th.env_for(), full), entry=(FAULTY_MAIN,)
+    )
     try:
         codes = [p.wait(timeout=180) for p in procs]  # a hang fails here
     finally:

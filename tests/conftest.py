@@ -7,13 +7,20 @@ file names must be unique across folders. tests/ itself is on sys.path through p
 
 Tests that start processes or subprocesses carry `@pytest.mark.slow`: `pytest -m "not slow"`
 is the quick loop, plain `pytest` runs everything.
+
+The suite compiles with faster-compiling XLA:CPU settings than the product's (measured and
+explained at train_helpers.TEST_XLA_FLAGS); VDM_TEST_XLA_FLAGS=0 runs it with the product's.
 """
 
+import os
 import shutil
 
 import jax
 import pytest
 import train_helpers as th
+
+# Before any test starts JAX's backend, which reads XLA_FLAGS once (see TEST_XLA_FLAGS).
+os.environ["XLA_FLAGS"] = th.with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 
 
 @pytest.fixture

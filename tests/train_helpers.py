@@ -28,6 +28,37 @@ CONFIG = str(REPO / "configs" / "digits.py")
 
 JAX_CACHE = os.path.join(tempfile.gettempdir(), "vdm-tests-jax-cache")
 
+# The suite's time is XLA:CPU compilation (in-process tests: 189 of 247 s in backend compiles
+# of 1,156 programs; a tiny vdm.main launch: 15 of 18 CPU-s; 2-vCPU EPYC). XLA's classic loop
+# emitters with less LLVM optimisation compile the tests' programs much faster: five samplers
+# 1.3 s at -O0 against 4.3 s, a tiny launch 8.5 against 16 CPU-s. -O0 code runs slower, which
+# only pays where a test runs long loops, so the pytest process (1000-step sampler checks:
+# tests/sampling/test_samplers.py 73 s at -O1, 111 s at -O0, 94 s with XLA's defaults) uses
+# -O1 and the vdm.main subprocesses (short runs: three CLI files 132 s at -O0, 160 s at -O1)
+# -O0. Both only choose how the same HLO becomes machine code, so every test checks the same
+# numbers to its tolerance; the product's flags (vdm/runtime.py) are untouched. Tests whose
+# claim depends on the product's exact code generation (bit-identical results across device
+# layouts, a tolerance calibrated on one training trajectory) run with env_for(product=True).
+# Eigen's intra-op thread pool is off too: with these emitters one in-process run wedged in it
+# (every thread parked, a 150-step scan never returning; a known XLA:CPU failure, which
+# --xla_cpu_multi_thread_eigen=false avoids), and with two pytest workers on two cores it
+# costs little (three CLI files 139 against 132 s). Conftest sets the in-process flags
+# before JAX's backend starts. VDM_TEST_XLA_FLAGS=0 runs the whole suite under XLA's default
+# pipeline.
+_CLASSIC = (
+    "--xla_cpu_multi_thread_eigen=false --xla_cpu_use_fusion_emitters=false"
+    " --xla_backend_optimization_level="
+)
+_FAST_COMPILE = os.environ.get("VDM_TEST_XLA_FLAGS", "1") != "0"
+TEST_XLA_FLAGS = _CLASSIC + "1" if _FAST_COMPILE else ""
+SUBPROCESS_XLA_FLAGS = _CLASSIC + "0" if _FAST_COMPILE else ""
+
+
+def with_test_xla_flags(flags: str) -> str:
+    """`flags` (an XLA_FLAGS value) followed by the pytest process's TEST_XLA_FLAGS."""
+    return f"{flags} {TEST_XLA_FLAGS}".strip()
+
+
 # Overrides turning the default config into a seconds-long run. The learning rate is high and
 # the EMA short so that a wrongly restored optimiser or EMA state shows up in the losses.
 TINY = {
@@ -80,10 +111,12 @@ def overrides(**extra) -> list[str]:
     return [f"--config.{k}={v}" for k, v in values.items()]
 
 
-def env_for(devices: int = 1) -> dict:
-    """Environment of a subprocess with `devices` simulated CPU devices."""
+def env_for(devices: int = 1, product: bool = False) -> dict:
+    """Environment of a subprocess with `devices` simulated CPU devices, compiling with
+    SUBPROCESS_XLA_FLAGS, or with the product's flags alone when `product`."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    compile_flags = "" if product else SUBPROCESS_XLA_FLAGS
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {compile_flags}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     # Subprocesses of one test compile the same programs; the persistent cache shares them
     # (a cached executable is the same executable, so bitwise comparisons are unaffected).
@@ -108,13 +141,15 @@ def main_cmd(workdir, *flags, mode: str = "train", entry=("-m", "vdm.main")) -> 
 
 
 def run_main(
-    workdir, *flags, mode: str = "train", devices: int = 1, timeout: int = 300, check: bool = True
-) -> subprocess.CompletedProcess:
-    """Runs vdm.main to completion; raises with its output when `check` and it fails."""
+    workdir, *flags, mode: str = "train", devices: int = 1, timeout: int = 300, check: bool = True,
+    product: bool = False,
+) -> subprocess.CompletedProcess:  # fmt: skip
+    """Runs vdm.main to completion (env_for(devices, product)); raises with its output when
+    `check` and it fails."""
     proc = subprocess.run(
         main_cmd(workdir, *flags, mode=mode),
         cwd=REPO,
-        env=env_for(devices),
+        env=env_for(devices, product),
         capture_output=True,
         text=True,
         timeout=timeout,

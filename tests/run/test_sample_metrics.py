@@ -1,12 +1,14 @@
 """`--mode=sample` with sample.metrics: the JSON record, NFE, class accuracy, the caches.
 
 The in-process tests score samples of an untrained (perturbed) class-conditional digits U-Net
-directly with `sample_record`, which needs no checkpoint; the slow tests drive `vdm.main` on a
+directly with `sample_record`, which needs no checkpoint; the slow tests drive `vdm.main` (one
+process, and two joined by jax.distributed) on a
 run trained for two steps, as a user would.
 """
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -89,14 +91,26 @@ def trained(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_mode_sample_with_metrics_writes_the_record_from_the_command_line(trained):
+def test_mode_sample_with_metrics_writes_the_record_from_the_command_line(trained, tmp_path):
     workdir, flags = trained
+    two_processes = tmp_path / "two_processes"
+    shutil.copytree(workdir, two_processes)
     proc = th.run_main(workdir, *flags, "--config.sample.metrics.enabled=true", mode="sample")
     assert "digits_classifier FID" in proc.stdout
     (line,) = (workdir / sample_metrics.RECORDS_FILE).read_text().splitlines()
     record = json.loads(line)
     assert FIELDS <= set(record) and record["step"] == 2 and record["nfe"] == 3
     assert (workdir / "samples_2_ancestral_3.npy").exists()
+    # Two processes: one record (process 0's) with the same NFE (network calls per sample, not
+    # per process or device) and the same samples' metrics.
+    codes, logs = th.run_processes(two_processes, *flags, "--config.sample.metrics.enabled=true",
+                                   mode="sample", logs_dir=tmp_path)  # fmt: skip
+    assert codes == [0, 0], logs
+    (line,) = (two_processes / sample_metrics.RECORDS_FILE).read_text().splitlines()
+    both = json.loads(line)
+    assert both["nfe"] == record["nfe"] == 3
+    for name in ("fid", "kid", "class_accuracy"):
+        np.testing.assert_allclose(both[name], record[name], rtol=1e-4, err_msg=name)
 
 
 @pytest.mark.slow

@@ -2,8 +2,7 @@
 
 The in-process tests score samples of an untrained (perturbed) class-conditional digits U-Net
 directly with `sample_record`, which needs no checkpoint; the slow tests drive `vdm.main` (one
-process, and two joined by jax.distributed) on a
-run trained for two steps, as a user would.
+process, and two joined by jax.distributed) on a run trained for two steps, as a user would.
 """
 
 import dataclasses

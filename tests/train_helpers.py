@@ -28,6 +28,11 @@ CONFIG = str(REPO / "configs" / "digits.py")
 
 JAX_CACHE = os.path.join(tempfile.gettempdir(), "vdm-tests-jax-cache")
 
+# How long a test waits on a subprocess: under pyproject's per-test timeout (300 s), so that a
+# hung child fails its test with the child's output, rather than the timeout ending the whole
+# pytest worker (the slowest launch takes about 30 s on the 2-vCPU EPYC).
+SUBPROCESS_TIMEOUT = 200
+
 # The suite's time is XLA:CPU compilation (in-process tests: 189 of 247 s in backend compiles
 # of 1,156 programs; a tiny vdm.main launch: 15 of 18 CPU-s; 2-vCPU EPYC). XLA's classic loop
 # emitters with less LLVM optimisation compile the tests' programs much faster: five samplers
@@ -141,8 +146,8 @@ def main_cmd(workdir, *flags, mode: str = "train", entry=("-m", "vdm.main")) -> 
 
 
 def run_main(
-    workdir, *flags, mode: str = "train", devices: int = 1, timeout: int = 300, check: bool = True,
-    product: bool = False,
+    workdir, *flags, mode: str = "train", devices: int = 1,
+    timeout: int = SUBPROCESS_TIMEOUT, check: bool = True, product: bool = False,
 ) -> subprocess.CompletedProcess:  # fmt: skip
     """Runs vdm.main to completion (env_for(devices, product)); raises with its output when
     `check` and it fails."""
@@ -203,7 +208,7 @@ def run_processes(workdir, *flags, logs_dir, mode: str = "train", num: int = 2):
     (exit codes, the tail of each process's log joined)."""
     procs = spawn_processes(workdir, *flags, logs_dir=logs_dir, num=num, mode=mode)
     try:
-        codes = [p.wait(timeout=300) for p in procs]
+        codes = [p.wait(timeout=SUBPROCESS_TIMEOUT) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -258,7 +263,9 @@ def checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
 
 
-def wait_for(predicate, timeout: float, proc=None, interval: float = 0.02) -> None:
+def wait_for(
+    predicate, timeout: float = SUBPROCESS_TIMEOUT, proc=None, interval: float = 0.02
+) -> None:
     """Polls `predicate` until true; fails early if `proc` exits first."""
     deadline = time.time() + timeout
     while not predicate():

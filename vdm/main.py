@@ -145,7 +145,7 @@ def _run_mode():
         if FLAGS.mode == "train":
             from vdm.run import loop
 
-            loop.train(run, FLAGS.workdir, tensorboard=FLAGS.tensorboard)
+            loop.train(run, FLAGS.workdir, tensorboard=FLAGS.tensorboard, exits_after=True)
         elif FLAGS.mode == "eval":
             from vdm.run import evaluate
 

@@ -61,7 +61,7 @@ def kill_and_resume(tmp_path, steps=40, run_flags=(), **extra):
     env.pop("TF_ENABLE_ONEDNN_OPTS", None)
     log = tmp_path / "killed.log"
     proc = th.spawn_main(run, *all_flags, env=env, log=log)
-    th.wait_for(lambda: th.logged_past_checkpoint(run), timeout=300, proc=proc, interval=0.01)
+    th.wait_for(lambda: th.logged_past_checkpoint(run), proc=proc, interval=0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, log.read_text()[-3000:]
     assert not (run / "DONE").exists()

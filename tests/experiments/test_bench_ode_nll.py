@@ -18,7 +18,8 @@ def test_command_line_measures_t_and_log_snr_rows(trained_workdir, tmp_path_fact
         [sys.executable, "-m", "experiments.bench_ode_nll", f"--config={th.CONFIG}", *flags,
          f"--workdir={workdir}", "--tols=1e-3", "--reference_tol=1e-5",
          "--reference_solver=tsit5", "--trace=exact", f"--out={out}"],
-        cwd=th.REPO, env=th.env_for(), capture_output=True, text=True, timeout=300,
+        cwd=th.REPO, env=th.env_for(), capture_output=True, text=True,
+        timeout=th.SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "ode_nll.json").read_text())

@@ -164,7 +164,7 @@ def sweep_cli(*args) -> subprocess.CompletedProcess:
         env=th.env_for(1),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=th.SUBPROCESS_TIMEOUT,
     )
 
 

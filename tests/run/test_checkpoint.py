@@ -104,7 +104,7 @@ def test_sigkill_and_sigterm_resume_bit_for_bit(tmp_path, reference):
     flags = th.overrides(**RUN)
     # 1. SIGKILL as soon as the first checkpoint is on disk.
     proc = th.spawn_main(tmp_path, *flags, log=tmp_path / "run1.log")
-    th.wait_for(lambda: th.checkpoint_steps(tmp_path), timeout=240, proc=proc, interval=0.01)
+    th.wait_for(lambda: th.checkpoint_steps(tmp_path), proc=proc, interval=0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (tmp_path / "DONE").exists() and _last_logged_step(tmp_path) < NUM_STEPS
@@ -114,9 +114,7 @@ def test_sigkill_and_sigterm_resume_bit_for_bit(tmp_path, reference):
     resumed_from = th.checkpoint_steps(tmp_path)[-1]
     # Its own log, not metrics.jsonl: until the relaunch truncates that file it still holds
     # the killed launch's steps, and a SIGTERM sent before the handler is installed kills it.
-    th.wait_for(
-        lambda: _steps_in_log(tmp_path / "run2.log") > resumed_from + 3, timeout=240, proc=proc
-    )
+    th.wait_for(lambda: _steps_in_log(tmp_path / "run2.log") > resumed_from + 3, proc=proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, (tmp_path / "run2.log").read_text()[-3000:]
     assert not (tmp_path / "DONE").exists()

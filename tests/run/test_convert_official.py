@@ -252,7 +252,7 @@ def test_command_line_convert_then_eval(tmp_path, npz_data):
     out = subprocess.run(
         [sys.executable, "-m", "vdm.convert_official", str(source), f"--workdir={workdir}",
          f"--config={CIFAR10}", *data],
-        cwd=th.REPO, capture_output=True, text=True, timeout=600,
+        cwd=th.REPO, capture_output=True, text=True, timeout=th.SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     command = out.stdout.split("Evaluate it with:\n")[1].strip().split()
@@ -269,7 +269,7 @@ def test_command_line_convert_then_eval(tmp_path, npz_data):
     ]
     out = subprocess.run(
         [sys.executable, *command[1:], *cheap, "--notensorboard"],
-        cwd=th.REPO, capture_output=True, text=True, timeout=900,
+        cwd=th.REPO, capture_output=True, text=True, timeout=th.SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("elbo-decoder", "ode-decoder"):

@@ -66,9 +66,7 @@ def test_lost_process_stops_the_survivor_with_one_message_and_relaunch_resumes(t
     run = tmp_path / "run"
     procs = th.spawn_processes(run, *th.overrides(**LONG), logs_dir=tmp_path)
     try:
-        th.wait_for(
-            lambda: th.logged_past_checkpoint(run), timeout=300, proc=procs[0], interval=0.05
-        )
+        th.wait_for(lambda: th.logged_past_checkpoint(run), proc=procs[0], interval=0.05)
         procs[1].send_signal(signal.SIGKILL)
         killed_at = time.time()
         code = procs[0].wait(timeout=120)  # a hang fails here
@@ -97,9 +95,7 @@ def test_the_coordinator_lost_stops_the_other_process_with_one_message_and_relau
     run = tmp_path / "run"
     procs = th.spawn_processes(run, *th.overrides(**LONG), logs_dir=tmp_path)
     try:
-        th.wait_for(
-            lambda: th.logged_past_checkpoint(run), timeout=300, proc=procs[1], interval=0.05
-        )
+        th.wait_for(lambda: th.logged_past_checkpoint(run), proc=procs[1], interval=0.05)
         procs[0].send_signal(signal.SIGKILL)
         killed_at = time.time()
         code = procs[1].wait(timeout=120)
@@ -123,7 +119,7 @@ def test_sigterm_checkpoints_every_process_at_one_step_and_exits_0(tmp_path, num
     run = tmp_path / "run"
     procs = th.spawn_processes(run, *th.overrides(**LONG), logs_dir=tmp_path, num=num)
     try:
-        th.wait_for(lambda: th.checkpoint_steps(run), timeout=300, proc=procs[0], interval=0.05)
+        th.wait_for(lambda: th.checkpoint_steps(run), proc=procs[0], interval=0.05)
         for k, i in enumerate(order):
             if k:
                 time.sleep(0.3)

@@ -116,7 +116,7 @@ def test_fsdp_and_data_parallel_compute_the_same_step():
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=th.SUBPROCESS_TIMEOUT,
     )
     assert proc.returncode == 0, proc.stderr[-8000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]

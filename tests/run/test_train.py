@@ -110,16 +110,24 @@ def test_nan_stops_training_and_last_checkpoint_stays_valid(tmp_path):
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(state.params))
 
 
-def test_sigterm_sets_preemption_flag():
+def test_sigterm_sets_preemption_flag_and_gives_the_handler_back():
+    """In-process (a library caller) the caller's SIGTERM handler comes back even after a
+    preemption: one left behind that ignores SIGTERM made a CI run's pytest worker unkillable.
+    Only the CLI (exits_after) keeps ignoring a late SIGTERM until it exits."""
     from vdm.run import loop as train
 
-    flag = train.PreemptionFlag()
+    before = signal.getsignal(signal.SIGTERM)
     try:
-        assert not flag.requested(sync=True)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.requested(sync=False)
+        for exits_after in (False, True):
+            flag = train.PreemptionFlag(exits_after=exits_after)
+            assert not flag.requested(sync=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert flag.requested(sync=False)
+            flag.restore()
+            kept = signal.getsignal(signal.SIGTERM)
+            assert (kept is before) != exits_after, exits_after
     finally:
-        flag.restore()
+        signal.signal(signal.SIGTERM, before)
 
 
 @pytest.mark.slow

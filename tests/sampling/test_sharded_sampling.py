@@ -142,7 +142,7 @@ def _run_child() -> dict:
             env=th.env_for(4, product=product),
             capture_output=True,
             text=True,
-            timeout=600,
+            timeout=th.SUBPROCESS_TIMEOUT,
         )
         assert proc.returncode == 0, proc.stderr[-8000:]
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]

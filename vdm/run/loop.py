@@ -61,9 +61,10 @@ def check_finite(state: TrainState, ckpts: Checkpoints) -> None:
 class PreemptionFlag:
     """Turns SIGTERM into a request to checkpoint and exit at the next step boundary."""
 
-    def __init__(self):
+    def __init__(self, *, exits_after: bool = False):
         self._requested = False
         self._stopping = False  # the run agreed to stop for a preemption
+        self._exits_after = exits_after  # the process ends when training returns (the CLI)
         self._previous = None
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -91,10 +92,13 @@ class PreemptionFlag:
         return stop
 
     def restore(self) -> None:
-        """Reinstates the previous SIGTERM handler, unless the run is stopping for a
-        preemption: a pod's processes are told at slightly different times, and one told
-        after the agreed checkpoint must still finish its exit (0) rather than die of it."""
-        if self._previous is not None and not self._stopping:
+        """Reinstates the previous SIGTERM handler. Only when the process ends with the run
+        (`exits_after`, the CLI) and it is stopping for a preemption is this one kept: a pod's
+        processes are told at slightly different times, and one told after the agreed
+        checkpoint must still finish its exit (0) rather than die of it. A library caller
+        gets its handler back always: a handler left behind that ignores SIGTERM made a
+        pytest worker unkillable by its CI's timeout."""
+        if self._previous is not None and not (self._stopping and self._exits_after):
             signal.signal(signal.SIGTERM, self._previous)
 
 
@@ -111,7 +115,12 @@ def train_and_evaluate(
 
 
 def train(
-    run: Run, workdir: str, *, tensorboard: bool = True, fail_at_step: int | None = None
+    run: Run,
+    workdir: str,
+    *,
+    tensorboard: bool = True,
+    fail_at_step: int | None = None,
+    exits_after: bool = False,
 ) -> dict:
     """Trains (resuming from the workdir's latest checkpoint), evaluates and writes outputs.
 
@@ -120,6 +129,9 @@ def train(
       workdir: run directory (checkpoints, metrics.jsonl, TensorBoard, pictures, DONE).
       tensorboard: also write TensorBoard summaries.
       fail_at_step: test hook forwarded to the train step (injects a NaN loss).
+      exits_after: the process ends when this returns (vdm.main): after a preemption
+        checkpoint, a late SIGTERM is logged and ignored until exit instead of the caller's
+        handler being reinstated.
 
     Returns:
       Dict with 'step', 'preempted' and the last eval metrics.
@@ -158,7 +170,7 @@ def train(
     steps_fn = run.compiled_steps(fail_at_step=fail_at_step)
     batches = run.train_batches(step)
     key = run.key(KeyStream.TRAIN)
-    preempt = PreemptionFlag()
+    preempt = PreemptionFlag(exits_after=exits_after)
     hooks = []
     if jax.process_index() == 0:
         report = periodic_actions.ReportProgress(

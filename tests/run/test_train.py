@@ -121,6 +121,8 @@ def test_sigterm_sets_preemption_flag_and_gives_the_handler_back():
         for exits_after in (False, True):
             flag = train.PreemptionFlag(exits_after=exits_after)
             assert not flag.requested(sync=True)
+            # Never signal a worker that has no handler: SIGTERM would end the worker itself.
+            assert signal.getsignal(signal.SIGTERM) == flag._handle
             os.kill(os.getpid(), signal.SIGTERM)
             assert flag.requested(sync=False)
             flag.restore()

@@ -93,6 +93,9 @@ def base_config() -> ml_collections.ConfigDict:
     # softmax|deferred_norm: deferred_norm divides by the row sums after the value matmul (same
     # function; see vdm/nets/layers.py AttentionBlock and experiments/results/perf_attempts.md)
     c.model.attention = "softmax"
+    # concat|split: split feeds each U-Net up block its carry and skip as two parts, never
+    # concatenated (same parameters and function, faster: vdm/nets/layers.py join_skip)
+    c.model.skip_join = "split"
 
     # Noise schedule gamma(t) = -log SNR(t): see vdm/schedules.py.
     c.schedule = ml_collections.ConfigDict()

@@ -14,9 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdm import runtime
 from vdm.core import losses, schedules, time_proposals
 from vdm.core.schedules import Schedule
 from vdm.sampling import samplers
+
+runtime.unroll_threefry()  # the same random bits, faster kernels on CPU (vdm/runtime.py)
 
 # Classifier-free guidance training: how often a label is replaced by the null label.
 LABEL_DROP_RATE = 0.1

@@ -50,3 +50,17 @@ def test_bfloat16_output_and_float32_statistics():
 def test_channels_must_split_into_groups():
     with pytest.raises(ValueError, match="12 channels do not split into 8 groups"):
         GroupNorm(8).init(jax.random.key(0), jnp.ones((1, 2, 2, 12)))
+
+
+def test_parts_are_normalised_as_their_concatenation():
+    # model.skip_join=split: GroupNorm of (h, skip) part by part, groups never straddling.
+    a = 1.0 + jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    b = -2.0 + 3.0 * jax.random.normal(jax.random.key(1), (2, 4, 4, 16))
+    norm = GroupNorm(6)
+    params = norm.init(jax.random.key(2), jnp.concatenate([a, b], -1))
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(3), p.shape), params)
+    whole = norm.apply(params, jnp.concatenate([a, b], -1))
+    parts = norm.apply(params, (a, b))
+    np.testing.assert_allclose(jnp.concatenate(parts, -1), whole, atol=1e-6)
+    with pytest.raises(ValueError, match="splits a group of 4 channels"):
+        GroupNorm(6).init(jax.random.key(0), (a[..., :6], jnp.concatenate([a, b[..., :10]], -1)))

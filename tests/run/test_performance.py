@@ -127,3 +127,70 @@ def test_fsdp_and_data_parallel_compute_the_same_step():
         # Only the reduction order differs between the layouts.
         np.testing.assert_allclose(r["losses"], r["dp_losses"], rtol=1e-5)
         assert r["param_diff"] <= 1e-5 * r["param_scale"], r
+
+
+def test_skip_join_split_computes_the_concat_step_from_the_config():
+    """model.skip_join=split (up blocks take carry and skip as two parts) is the concatenating
+    network to float rounding: same parameters, loss, dropout draws and gradients."""
+    dropout = dict(UNET, model__dropout=0.1)
+    concat = th.load_config(**dropout, model__skip_join="concat")
+    split = th.load_config(**dropout, model__skip_join="split")
+    run = build_run(concat)
+    params = run.model.init_params(run.key(KeyStream.INIT))
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, build_run(split).model.init_params(run.key(KeyStream.INIT))
+    )
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    params = jax.tree.unflatten(
+        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    )
+    rng = np.random.default_rng(0)
+    batch = {"x": jnp.asarray(rng.integers(0, run.info.vocab_size, (8, 8, 8, 1)), jnp.uint8)}
+    key = jax.random.key(3)
+    loss_c, grad_c = _loss_and_grad(concat, params, batch, key)
+    loss_s, grad_s = _loss_and_grad(split, params, batch, key)
+    np.testing.assert_allclose(float(loss_s), float(loss_c), rtol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_c))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grad_s, grad_c
+    )
+    with pytest.raises(ValueError, match="Unknown skip join 'glue'"):
+        _loss_and_grad(th.load_config(**UNET, model__skip_join="glue"), params, batch, key)
+
+
+def _random_draws():
+    # Dropout's masks (bernoulli), the ELBO's t and eps draws (uniform, normal), split keys.
+    key = jax.random.key(11)
+    return jax.jit(
+        lambda k: (
+            jax.random.bernoulli(k, 0.9, (4, 8, 8, 16)),
+            jax.random.uniform(jax.random.fold_in(k, 1), (37,)),
+            jax.random.normal(jax.random.split(k, 3)[2], (2, 8, 8, 3)),
+        )
+    )(key)
+
+
+def test_unrolled_threefry_draws_the_same_bits():
+    """vdm/runtime.py's unrolled Threefry lowering on CPU: the same random numbers as jax's
+    rolled one, and really in force once vdm.model is imported (no loop left in the program)."""
+    from vdm import runtime
+
+    lowered = lambda: jax.jit(lambda k: jax.random.bits(k, (64,))).lower(jax.random.key(0))
+    try:
+        assert runtime.unroll_threefry(False) is False
+        jax.clear_caches()
+        rolled, rolled_text = _random_draws(), lowered().as_text()
+        assert runtime.unroll_threefry(True) is True
+        jax.clear_caches()
+        unrolled, unrolled_text = _random_draws(), lowered().as_text()
+    finally:
+        runtime.unroll_threefry()  # back to the process default
+        jax.clear_caches()
+    assert "while" in rolled_text and "while" not in unrolled_text
+    for a, b in zip(rolled, unrolled, strict=True):
+        np.testing.assert_array_equal(a, b)
+    if os.environ.get("VDM_THREEFRY_UNROLLED", "1") != "0" and jax.__version__ in (
+        runtime.THREEFRY_JAX_VERSIONS
+    ):
+        assert "while" not in lowered().as_text()  # importing vdm.model installed it

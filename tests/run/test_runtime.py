@@ -113,3 +113,31 @@ def test_reexec_keeps_arguments_and_preloads_once(tmp_path):
     assert args == "['a', '--b=1']"
     assert allocator == "jemalloc"
     assert preload == str(tmp_path / "libjemalloc.so.2")
+
+
+def test_mimalloc_from_pip_is_found_last_and_kept_from_purging(tmp_path):
+    (tmp_path / "libmimalloc.so.3").write_bytes(b"")
+    mimalloc = str(tmp_path / "libmimalloc.so.3")
+    assert runtime.find_allocator([str(tmp_path)]) == mimalloc
+    (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")
+    assert runtime.find_allocator([str(tmp_path)]).endswith("libtcmalloc_minimal.so.4")
+    # VDM_ALLOCATOR=<name> picks one of several.
+    assert runtime.find_allocator([str(tmp_path)], prefer="mimalloc") == mimalloc
+    assert runtime.find_allocator([str(tmp_path)], prefer="jemalloc") is None
+    # mimalloc keeps freed memory (else the step's temporaries go back to the kernel between
+    # steps); a user's own setting wins, and other allocators get no mimalloc variables.
+    assert runtime.allocator_env({}, mimalloc, "linux")["MIMALLOC_PURGE_DELAY"] == "-1"
+    mine = runtime.allocator_env({"MIMALLOC_PURGE_DELAY": "100"}, mimalloc, "linux")
+    assert mine["MIMALLOC_PURGE_DELAY"] == "100"
+    tc = runtime.allocator_env({}, str(tmp_path / "libtcmalloc_minimal.so.4"), "linux")
+    assert "MIMALLOC_PURGE_DELAY" not in tc
+
+
+def test_the_pip_wheel_s_mimalloc_is_where_find_allocator_looks():
+    # requirements.txt installs cmeel-mimalloc on x86-64 Linux: a pip-only machine has it.
+    import platform
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        return  # the requirement's marker leaves it out there
+    found = runtime.find_allocator(runtime.pip_library_dirs(), prefer="mimalloc")
+    assert found is not None and found.endswith("cmeel.prefix/lib/libmimalloc.so.3"), found

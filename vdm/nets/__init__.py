@@ -18,9 +18,12 @@ import math
 import flax.linen as nn
 import jax
 
+from vdm import runtime
 from vdm.nets import mlp, unet, vdm_unet
 from vdm.nets.base_measure import check_base_measure
 from vdm.nets.layers import stack_params, unstack_params
+
+runtime.unroll_threefry()  # dropout's masks: the same bits, faster on CPU (vdm/runtime.py)
 
 MODELS: dict[str, type[nn.Module]] = {
     "vdm_unet": vdm_unet.VDMUNet,

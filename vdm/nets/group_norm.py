@@ -106,7 +106,27 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        channels = x.shape[-1]
+        """x: [B, ..., C], or a tuple of parts whose channel concatenation is the input and
+        no group of which spans two parts; then a tuple of the parts' normalised values."""
+        parts = x if isinstance(x, tuple) else (x,)
+        channels = sum(part.shape[-1] for part in parts)
         scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
+        if not isinstance(x, tuple):
+            return group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
+        if channels % self.num_groups:
+            raise ValueError(f"{channels} channels do not split into {self.num_groups} groups.")
+        per_group = channels // self.num_groups
+        out, start = [], 0
+        for part in parts:
+            width = part.shape[-1]
+            if width % per_group:
+                raise ValueError(
+                    f"A part of {width} channels splits a group of {per_group} channels."
+                )
+            s = slice(start, start + width)
+            out.append(
+                group_norm(part, scale[s], bias[s], width // per_group, self.epsilon, self.dtype)
+            )
+            start += width
+        return tuple(out)

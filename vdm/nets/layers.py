@@ -12,6 +12,13 @@ shifted copies of the input. XLA:CPU otherwise runs the transposed convolutions 
 pass in an "01oi" kernel layout that is ~20x slower inside a while loop (so under nn.scan), and
 its kernel gradient is slow even outside one (see experiments/bench_scan_compile.py).
 
+A ResnetBlock also takes its input as a tuple of parts whose channel concatenation is the
+input (`skip_join="split"` in the U-Nets' up blocks): every layer that reads the input (the
+first GroupNorm, conv_1, the 1x1 shortcut) then works on the parts with slices of its own
+parameters and sums, so the concatenated tensor, its pad/slice copies and their gradients
+are never made. Same parameters, same function to float rounding (`split_ok` says when the
+norm's groups allow it).
+
 `apply_stack` runs n identical blocks either unrolled (parameters under `name_0 .. name_{n-1}`)
 or with `nn.scan` (one entry `name` whose leaves carry a leading axis of length n); the two
 layouts hold the same numbers and `stack_params` / `unstack_params` convert between them.
@@ -31,6 +38,7 @@ from vdm.nets.group_norm import GroupNorm
 Dtype = Any
 CONV_GRADS = ("xla", "patches")
 ATTENTIONS = ("softmax", "deferred_norm")
+SKIP_JOINS = ("concat", "split")
 
 
 def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
@@ -65,6 +73,35 @@ def concat_channels(a, b):
     """
     pad = [(0, 0)] * (a.ndim - 1)
     return jnp.pad(a, pad + [(0, b.shape[-1])]) + jnp.pad(b, pad + [(a.shape[-1], 0)])
+
+
+def split_ok(channels: tuple[int, ...], num_groups: int) -> bool:
+    """Whether GroupNorm(num_groups) of the concatenation of parts with these channel counts
+    never puts one group across two parts (so it can run part by part)."""
+    total = sum(channels)
+    if total % num_groups:
+        return False
+    per_group = total // num_groups
+    return all(c % per_group == 0 for c in channels)
+
+
+def join_skip(h, skip, how: str, num_groups: int):
+    """An up block's input: concat_channels(h, skip), or the parts (h, skip) for "split"
+    where `split_ok`, since both give the same block output."""
+    if how not in SKIP_JOINS:
+        raise ValueError(f"Unknown skip join {how!r}; use one of {SKIP_JOINS}.")
+    if how == "split" and split_ok((h.shape[-1], skip.shape[-1]), num_groups):
+        return (h, skip)
+    return concat_channels(h, skip)
+
+
+def _channel_slices(parts):
+    # (offset, width) of each part along the concatenated channel axis.
+    offsets, total = [], 0
+    for part in parts:
+        offsets.append((total, part.shape[-1]))
+        total += part.shape[-1]
+    return offsets, total
 
 
 def _conv3x3(x, kernel):
@@ -114,14 +151,22 @@ class Conv3x3(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        """x: [B, H, W, C], or a tuple of parts whose channel concatenation is the input."""
         if self.grad not in CONV_GRADS:
             raise ValueError(f"Unknown conv grad {self.grad!r}; use one of {CONV_GRADS}.")
-        kernel_shape = (3, 3, x.shape[-1], self.features)
+        parts = x if isinstance(x, tuple) else (x,)
+        slices, channels = _channel_slices(parts)
+        kernel_shape = (3, 3, channels, self.features)
         kernel = self.param("kernel", self.kernel_init, kernel_shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        kernel, bias = promote_dtype(kernel, bias, dtype=self.dtype)
         conv = conv3x3_patches_grad if self.grad == "patches" else _conv3x3
-        return conv(x, kernel) + bias
+        out = None
+        for part, (start, width) in zip(parts, slices, strict=True):
+            (part,) = promote_dtype(part, dtype=self.dtype)
+            y = conv(part, kernel[:, :, start : start + width])
+            out = y if out is None else out + y
+        return out + bias
 
 
 class ConditioningEmbed(nn.Module):
@@ -181,9 +226,12 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, cond):
-        out_ch = self.out_ch or x.shape[-1]
+        """x: [B, H, W, C], or a tuple of parts whose channel concatenation is the input."""
+        in_ch = _channel_slices(x)[1] if isinstance(x, tuple) else x.shape[-1]
+        out_ch = self.out_ch or in_ch
         conv = dict(grad=self.conv_grad, dtype=self.dtype)
-        h = nn.swish(GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_1")(x))
+        h = GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_1")(x)
+        h = tuple(map(nn.swish, h)) if isinstance(h, tuple) else nn.swish(h)
         h = Conv3x3(out_ch, **conv, name="conv_1")(h)
         proj = nn.Dense(
             out_ch,
@@ -196,9 +244,39 @@ class ResnetBlock(nn.Module):
         h = nn.swish(GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_2")(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not self.train)
         h = Conv3x3(out_ch, nn.initializers.zeros, **conv, name="conv_2")(h)
-        if x.shape[-1] != out_ch:
+        if isinstance(x, tuple):
+            # The identity shortcut needs the concatenation after all.
+            x = (
+                PartsDense(out_ch, dtype=self.dtype, name="shortcut")(x)
+                if in_ch != out_ch
+                else (concat_channels(*x))
+            )
+        elif in_ch != out_ch:
             x = nn.Dense(out_ch, dtype=self.dtype, name="shortcut")(x)
         return x + h
+
+
+class PartsDense(nn.Module):
+    """nn.Dense (same parameters and initialisers) of the channel concatenation of parts,
+    computed as the sum of each part times its rows of the kernel."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, parts):
+        slices, channels = _channel_slices(parts)
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (channels, self.features), jnp.float32
+        )
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        kernel, bias = promote_dtype(kernel, bias, dtype=self.dtype)
+        out = None
+        for part, (start, width) in zip(parts, slices, strict=True):
+            (part,) = promote_dtype(part, dtype=self.dtype)
+            y = jnp.dot(part, kernel[start : start + width])
+            out = y if out is None else out + y
+        return out + bias
 
 
 def deferred_norm_attention(logits, v, dtype):

@@ -29,8 +29,8 @@ from vdm.nets.layers import (
     ConditioningEmbed,
     Conv3x3,
     ResnetBlock,
-    concat_channels,
     fourier_features,
+    join_skip,
 )
 
 
@@ -81,6 +81,7 @@ class UNet(nn.Module):
     conv_grad: str = "xla"
     dtype: str = "float32"
     attention: str = "softmax"  # softmax|deferred_norm (layers.AttentionBlock)
+    skip_join: str = "split"  # concat|split: how up blocks take their skip (layers.join_skip)
     # The published form eps_hat = out + z_t (see vdm/nets/base_measure.py); the
     # parameterisation picks the base of other predicted quantities.
     base_measure: bool = False
@@ -142,7 +143,7 @@ class UNet(nn.Module):
 
         for level in reversed(range(levels)):
             for i in range(self.num_res_blocks + 1):
-                h = concat_channels(h, skips.pop())
+                h = join_skip(h, skips.pop(), self.skip_join, self.norm_groups)
                 h = resnet(h, self.n_embd * self.channel_mult[level], f"up_{level}_resnet_{i}")
                 h = maybe_attention(h, f"up_{level}_attention_{i}")
             if level > 0:

@@ -13,6 +13,10 @@ model.base_measure the output is the official code's `conv_out(h) + z` (eps_hat 
 initialisation; vdm/nets/base_measure.py); without it, conv_out(h) alone (0 at initialisation).
 The time embedding has model.time_embed_dim channels (128; the official code uses n_embd).
 
+model.skip_join="split" (the default) feeds each up block its carry and skip as two parts
+instead of their concatenation (layers.join_skip; same parameters and function): the
+reduced U-Net's train step was 4-6% faster (experiments/results/train_speed.md).
+
 model.conv_grad="patches" swaps in a hand-written convolution backward pass that XLA:CPU runs
 fast inside nn.scan (see layers.Conv3x3).
 
@@ -33,8 +37,8 @@ from vdm.nets.layers import (
     Conv3x3,
     ResnetBlock,
     apply_stack,
-    concat_channels,
     fourier_features,
+    join_skip,
 )
 
 STACKS = ("down", "up")  # parameter names of the repeated blocks (see layers.stack_params)
@@ -83,6 +87,7 @@ class UpBlock(nn.Module):
     conv_grad: str
     dtype: Any
     attention: str
+    skip_join: str
 
     @nn.compact
     def __call__(self, h, skip, cond):
@@ -94,7 +99,7 @@ class UpBlock(nn.Module):
             self.conv_grad,
             self.dtype,
             name="resnet",
-        )(concat_channels(h, skip), cond)
+        )(join_skip(h, skip, self.skip_join, self.norm_groups), cond)
         if self.with_attention:
             h = AttentionBlock(
                 self.num_heads, self.norm_groups, self.dtype, self.attention, name="attention"
@@ -127,6 +132,7 @@ class VDMUNet(nn.Module):
     conv_grad: str = "xla"
     dtype: str = "float32"
     attention: str = "softmax"  # softmax|deferred_norm (layers.AttentionBlock)
+    skip_join: str = "split"  # concat|split: how up blocks take their skip (layers.join_skip)
     # The published form eps_hat = out + z_t (see vdm/nets/base_measure.py); the
     # parameterisation picks the base of other predicted quantities.
     base_measure: bool = False
@@ -182,7 +188,8 @@ class VDMUNet(nn.Module):
         )(h)
         h = ResnetBlock(name="mid_resnet_2", **res)(h, emb)
 
-        h, _ = apply_stack(UpBlock, block_kwargs, self.n_layers + 1, "up", h, skips, **stack)
+        up_kwargs = dict(block_kwargs, skip_join=self.skip_join)
+        h, _ = apply_stack(UpBlock, up_kwargs, self.n_layers + 1, "up", h, skips, **stack)
 
         h = nn.swish(GroupNorm(self.norm_groups, dtype=dtype, name="norm_out")(h))
         out = Conv3x3(z.shape[-1], nn.initializers.zeros, **conv, name="conv_out")(h)

@@ -19,7 +19,7 @@ from vdm.core import losses, schedules, time_proposals
 from vdm.core.schedules import Schedule
 from vdm.sampling import samplers
 
-runtime.unroll_threefry()  # the same random bits, faster kernels on CPU (vdm/runtime.py)
+runtime.unroll_threefry()  # opt-in (VDM_THREEFRY_UNROLLED=1): same bits, faster on CPU
 
 # Classifier-free guidance training: how often a label is replaced by the null label.
 LABEL_DROP_RATE = 0.1

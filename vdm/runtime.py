@@ -26,13 +26,16 @@ GPU or TPU they change nothing that matters there.
    passes over the whole output (small programs, quick compiles), and XLA:CPU runs each pass
    as a separate kernel through memory: dropout's masks for a batch of 32 at 32x32x64 took
    12.5 ms a layer. `unroll_threefry` registers jax's own unrolled lowering (the one it uses
-   on other backends) for CPU: the same bits, 2.3 ms, and the reduced U-Net's train step 8%
-   faster with 300 MiB fewer temporaries. Only for jax versions where it was checked. It
-   needs jax imported, which `import vdm` avoids (so that the allocator re-run does not pay
-   for a jax import), so vdm.model and vdm.nets call it when they are imported.
+   on other backends) for CPU: the same bits, 2.3 ms, and the reduced U-Net's train step
+   about 8% faster with 300 MiB fewer temporaries. It is OFF by default: with it, a train step
+   scanned 20+ times in one program (tests/run/test_objective.py's weighted-loss run) hung in
+   XLA:CPU's runtime (no CPU used, no progress) under some XLA flag settings and not others,
+   which is a hang we could not explain or rule out elsewhere. VDM_THREEFRY_UNROLLED=1 turns
+   it on for the processes of a run (vdm.model and vdm.nets call it when imported); only for
+   jax versions where it was checked.
 
-Opt out with VDM_XLA_CPU_FLAGS=0, VDM_ALLOCATOR=system and VDM_THREEFRY_UNROLLED=0;
-VDM_ALLOCATOR=tcmalloc|jemalloc|mimalloc picks one.
+Opt out with VDM_XLA_CPU_FLAGS=0 and VDM_ALLOCATOR=system; VDM_ALLOCATOR=tcmalloc|jemalloc|
+mimalloc picks one allocator; VDM_THREEFRY_UNROLLED=1 opts in to item 4.
 
 3. TensorFlow (imported for the TFDS pipelines and the metric writers) prints INFO lines from
    C++ at start-up (CPU-feature and oneDNN notices, absl's "log messages before
@@ -110,8 +113,8 @@ def unroll_threefry(enable: bool | None = None) -> bool:
 
     Args:
       enable: True installs the unrolled rule, False puts jax's CPU rule back; None (the
-        default) installs it unless VDM_THREEFRY_UNROLLED=0, on the jax versions of
-        THREEFRY_JAX_VERSIONS only.
+        default) installs it only with VDM_THREEFRY_UNROLLED=1, on the jax versions of
+        THREEFRY_JAX_VERSIONS only (off by default: see item 4 of this module's docstring).
 
     Returns:
       Whether the unrolled rule is now in force.
@@ -119,10 +122,9 @@ def unroll_threefry(enable: bool | None = None) -> bool:
     import jax
 
     if enable is None:
-        enable = os.environ.get("VDM_THREEFRY_UNROLLED", "1") != "0"
-        enable = enable and jax.__version__ in THREEFRY_JAX_VERSIONS
-        if not enable:
-            return False
+        if jax.__version__ not in THREEFRY_JAX_VERSIONS:
+            return False  # the private rules below may not exist there
+        enable = os.environ.get("VDM_THREEFRY_UNROLLED", "0") == "1"
     # Private modules: the rules exist under these names in the versions listed above.
     from jax._src.interpreters import mlir
     from jax._src.random import threefry2x32 as threefry

@@ -20,7 +20,15 @@ GPU or TPU they change nothing that matters there.
    requirements.txt installs, so a pip-only machine (CI, a fresh clone) gets one too. mimalloc
    runs with MIMALLOC_PURGE_DELAY=-1 (freed memory is kept, never handed back): with its
    default delay it returns the step's temporaries to the kernel between steps and the train
-   step was 8-16% slower (experiments/results/train_speed.md).
+   step was 10-17% slower (experiments/results/perf_attempts.md, 2026-12-07).
+
+3. TensorFlow (imported for the TFDS pipelines and the metric writers) prints INFO lines from
+   C++ at start-up (CPU-feature and oneDNN notices, absl's "log messages before
+   absl::InitializeLog()" banner) before the run's first line. `quiet_tensorflow` sets
+   TF_CPP_MIN_LOG_LEVEL=1 (warnings and errors still show) and TF_ENABLE_ONEDNN_OPTS=0 (the
+   oneDNN notice ignores the log level) unless the user has set them; the first also applies
+   to XLA's INFO lines. It must run before TensorFlow is imported: `setup` and
+   `configure_xla` (which `import vdm` runs) call it.
 
 4. On CPU, jax lowers the Threefry hash behind every random draw as a rolled loop of five
    passes over the whole output (small programs, quick compiles), and XLA:CPU runs each pass
@@ -36,14 +44,6 @@ GPU or TPU they change nothing that matters there.
 
 Opt out with VDM_XLA_CPU_FLAGS=0 and VDM_ALLOCATOR=system; VDM_ALLOCATOR=tcmalloc|jemalloc|
 mimalloc picks one allocator; VDM_THREEFRY_UNROLLED=1 opts in to item 4.
-
-3. TensorFlow (imported for the TFDS pipelines and the metric writers) prints INFO lines from
-   C++ at start-up (CPU-feature and oneDNN notices, absl's "log messages before
-   absl::InitializeLog()" banner) before the run's first line. `quiet_tensorflow` sets
-   TF_CPP_MIN_LOG_LEVEL=1 (warnings and errors still show) and TF_ENABLE_ONEDNN_OPTS=0 (the
-   oneDNN notice ignores the log level) unless the user has set them; the first also applies
-   to XLA's INFO lines. It must run before TensorFlow is imported: `setup` and
-   `configure_xla` (which `import vdm` runs) call it.
 """
 
 import os

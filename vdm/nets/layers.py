@@ -244,13 +244,10 @@ class ResnetBlock(nn.Module):
         h = nn.swish(GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_2")(h))
         h = nn.Dropout(self.dropout)(h, deterministic=not self.train)
         h = Conv3x3(out_ch, nn.initializers.zeros, **conv, name="conv_2")(h)
-        if isinstance(x, tuple):
-            # The identity shortcut needs the concatenation after all.
-            x = (
-                PartsDense(out_ch, dtype=self.dtype, name="shortcut")(x)
-                if in_ch != out_ch
-                else (concat_channels(*x))
-            )
+        if isinstance(x, tuple) and in_ch != out_ch:
+            x = PartsDense(out_ch, dtype=self.dtype, name="shortcut")(x)
+        elif isinstance(x, tuple):
+            x = concat_channels(*x)  # the identity shortcut needs the concatenation after all
         elif in_ch != out_ch:
             x = nn.Dense(out_ch, dtype=self.dtype, name="shortcut")(x)
         return x + h

@@ -44,19 +44,27 @@ def _loss_and_grad(config, params, batch, key):
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
+def _trained_looking_params(run, scale: float):
+    """Fresh parameters + N(0, scale^2) noise: nonzero output layers (a fresh network predicts
+    exactly zero), so the compared losses and gradients depend on the whole network."""
+    params = run.model.init_params(run.key(KeyStream.INIT))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return jax.tree.unflatten(
+        tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    )
+
+
+def _digits_batch(run):
+    rng = np.random.default_rng(0)
+    return {"x": jnp.asarray(rng.integers(0, run.info.vocab_size, (8, 8, 8, 1)), jnp.uint8)}
+
+
 def test_bfloat16_loss_matches_float32():
     f32 = th.load_config(**UNET)
     bf16 = th.load_config(**UNET, model__dtype="bfloat16")
     run = build_run(f32)
-    params = run.model.init_params(run.key(KeyStream.INIT))
-    # A trained-looking network: nonzero output layers (a fresh one predicts exactly zero).
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [p + 0.02 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    )
-    rng = np.random.default_rng(0)
-    batch = {"x": jnp.asarray(rng.integers(0, run.info.vocab_size, (8, 8, 8, 1)), jnp.uint8)}
+    params, batch = _trained_looking_params(run, 0.02), _digits_batch(run)
     key = jax.random.key(3)
     loss32, grad32 = _loss_and_grad(f32, params, batch, key)
     loss16, grad16 = _loss_and_grad(bf16, params, batch, key)
@@ -136,17 +144,10 @@ def test_skip_join_split_computes_the_concat_step_from_the_config():
     concat = th.load_config(**dropout, model__skip_join="concat")
     split = th.load_config(**dropout, model__skip_join="split")
     run = build_run(concat)
-    params = run.model.init_params(run.key(KeyStream.INIT))
+    params, batch = _trained_looking_params(run, 0.05), _digits_batch(run)
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(
         jnp.shape, build_run(split).model.init_params(run.key(KeyStream.INIT))
     )
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    params = jax.tree.unflatten(
-        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
-    )
-    rng = np.random.default_rng(0)
-    batch = {"x": jnp.asarray(rng.integers(0, run.info.vocab_size, (8, 8, 8, 1)), jnp.uint8)}
     key = jax.random.key(3)
     loss_c, grad_c = _loss_and_grad(concat, params, batch, key)
     loss_s, grad_s = _loss_and_grad(split, params, batch, key)

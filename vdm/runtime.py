@@ -39,10 +39,10 @@ GPU or TPU they change nothing that matters there.
    scanned 20+ times in one program (tests/run/test_objective.py's weighted-loss run) hung in
    XLA:CPU's runtime (no CPU used, no progress) in every run under the product's flags. The
    same program also hangs in about 1 of 5 runs with jax's rolled lowering under the test
-   suite's compile flags (and did before this lowering existed here), so the hang is XLA:CPU's;
-   the unrolled lowering only makes it near-certain, which is reason enough to keep it off. VDM_THREEFRY_UNROLLED=1 turns
-   it on for the processes of a run (vdm.model and vdm.nets call it when imported); only for
-   jax versions where it was checked.
+   suite's compile flags (and did before this lowering existed here), so the hang is
+   XLA:CPU's; the unrolled lowering only makes it near-certain, which is reason enough to keep
+   it off. VDM_THREEFRY_UNROLLED=1 turns it on for the processes of a run (vdm.model and
+   vdm.nets call it when imported); only for jax versions where it was checked.
 
 Opt out with VDM_XLA_CPU_FLAGS=0 and VDM_ALLOCATOR=system; VDM_ALLOCATOR=tcmalloc|jemalloc|
 mimalloc picks one allocator; VDM_THREEFRY_UNROLLED=1 opts in to item 4.

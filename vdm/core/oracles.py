@@ -15,6 +15,7 @@ number of components, means unconditional).
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vdm.core.diffusion import alpha_sigma
 
@@ -22,20 +23,32 @@ from vdm.core.diffusion import alpha_sigma
 def gaussian_eps(mean, cov):
     """Exact eps-denoiser for x ~ N(mean, cov); cov is [D] (diagonal) or [D, D].
 
+    A full cov must be concrete (not traced): it is diagonalised once here, S = U diag(lam) U^T,
+    so C^{-1} = U diag(1 / (alpha^2 lam + sigma^2)) U^T costs two matmuls per call. A batched
+    jnp.linalg.solve would also be slower, and on CPU (jaxlib 0.10.2) two LAPACK LU calls
+    running at once can deadlock XLA's thread pool (both workers wait on batch tasks queued
+    behind each other), which hung the train step of a test 1 run in 5 on 2 cores.
+
     Returns:
       denoise(z [B, D], gamma [B], cond=None) -> E[eps | z_t] [B, D].
     """
-    mean, cov = jnp.asarray(mean), jnp.asarray(cov)
+    mean, full = jnp.asarray(mean), jnp.ndim(cov) == 2
+    if full:
+        host = np.asarray(cov, dtype=np.float64)
+        lam, basis = np.linalg.eigh((host + host.T) / 2)
+        lam, basis = jnp.asarray(lam, jnp.float32), jnp.asarray(basis, jnp.float32)
+    else:
+        cov = jnp.asarray(cov)
 
     def denoise(z, gamma, cond=None):
         del cond
         chex.assert_rank(z, 2)
         alpha, sigma = alpha_sigma(jnp.broadcast_to(gamma, z.shape[:1])[:, None])
         resid = z - alpha * mean
-        if cov.ndim == 1:
+        if not full:
             return sigma * resid / (alpha**2 * cov + sigma**2)
-        c = alpha[:, :, None] ** 2 * cov + sigma[:, :, None] ** 2 * jnp.eye(cov.shape[0])
-        return sigma * jnp.linalg.solve(c, resid[..., None])[..., 0]
+        coords = resid @ basis  # resid in the eigenbasis
+        return sigma * (coords / (alpha**2 * lam + sigma**2)) @ basis.T
 
     return denoise
 

@@ -42,10 +42,27 @@ def _right_hand_side(h, n: int, variant: str):
 
 
 def _weights(r, rhs):
-    """Solves sum_k a_k r_k^(j-1) = rhs_j (a Vandermonde system in the nodes r)."""
+    """Solves sum_k a_k r_k^(j-1) = rhs_j (a Vandermonde system in the nodes r) in closed form.
+
+    a_m = sum_j [x^j] L_m(x) rhs_j, with L_m the Lagrange basis polynomial of node m: applying
+    sum_k a_k r_k^j to it gives back rhs, since sum_k r_k^j L_k(x) = x^j. At most 3 nodes, so
+    a few products; jnp.linalg.solve would add LAPACK calls to every step, and on CPU (jaxlib
+    0.10.2) LU calls running at once (the predictor's and correctors' systems are independent)
+    can deadlock XLA's thread pool.
+    """
     n = r.shape[0]
-    vander = jnp.stack([r**j for j in range(n)])  # row j: r_k^j
-    return jnp.linalg.solve(vander, rhs[:n])
+    weights = []
+    for m in range(n):
+        coeffs, denom = [jnp.ones_like(r[m])], jnp.ones_like(r[m])
+        for i in range(n):
+            if i != m:
+                # coeffs * (x - r_i), lowest power first.
+                shifted = [jnp.zeros_like(r[i])] + coeffs
+                scaled = [-r[i] * c for c in coeffs] + [jnp.zeros_like(r[i])]
+                coeffs = [u + v for u, v in zip(shifted, scaled, strict=True)]
+                denom = denom * (r[m] - r[i])
+        weights.append(sum(c * rhs[j] for j, c in enumerate(coeffs)) / denom)
+    return jnp.stack(weights)
 
 
 def _unipc_step(z, xs, lams, lam_t, a_t, s_t, s_s, k: int, variant: str):

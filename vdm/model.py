@@ -19,7 +19,7 @@ from vdm.core import losses, schedules, time_proposals
 from vdm.core.schedules import Schedule
 from vdm.sampling import samplers
 
-runtime.unroll_threefry()  # opt-in (VDM_THREEFRY_UNROLLED=1): same bits, faster on CPU
+runtime.unroll_threefry()  # same bits, faster on CPU (VDM_THREEFRY_UNROLLED=0: jax's own)
 
 # Classifier-free guidance training: how often a label is replaced by the null label.
 LABEL_DROP_RATE = 0.1

@@ -35,17 +35,13 @@ GPU or TPU they change nothing that matters there.
    as a separate kernel through memory: dropout's masks for a batch of 32 at 32x32x64 took
    12.5 ms a layer. `unroll_threefry` registers jax's own unrolled lowering (the one it uses
    on other backends) for CPU: the same bits, 2.3 ms, and the reduced U-Net's train step
-   about 8% faster with 300 MiB fewer temporaries. It is OFF by default: with it, a train step
-   scanned 20+ times in one program (tests/run/test_objective.py's weighted-loss run) hung in
-   XLA:CPU's runtime (no CPU used, no progress) in every run under the product's flags. The
-   same program also hangs in about 1 of 5 runs with jax's rolled lowering under the test
-   suite's compile flags (and did before this lowering existed here), so the hang is
-   XLA:CPU's; the unrolled lowering only makes it near-certain, which is reason enough to keep
-   it off. VDM_THREEFRY_UNROLLED=1 turns it on for the processes of a run (vdm.model and
-   vdm.nets call it when imported); only for jax versions where it was checked.
+   about 8% faster with 300 MiB fewer temporaries. vdm.model and vdm.nets call it when
+   imported, on the jax versions where it was checked. (It was opt-in for a while because a
+   scanned train step in the tests hung with it; the hang was LAPACK's LU deadlocking XLA's
+   thread pool, not this lowering, and is gone: tests/sampling/test_no_lapack.py.)
 
-Opt out with VDM_XLA_CPU_FLAGS=0 and VDM_ALLOCATOR=system; VDM_ALLOCATOR=tcmalloc|jemalloc|
-mimalloc picks one allocator; VDM_THREEFRY_UNROLLED=1 opts in to item 4.
+Opt out with VDM_XLA_CPU_FLAGS=0, VDM_ALLOCATOR=system and VDM_THREEFRY_UNROLLED=0;
+VDM_ALLOCATOR=tcmalloc|jemalloc|mimalloc picks one allocator.
 """
 
 import os
@@ -115,8 +111,8 @@ def unroll_threefry(enable: bool | None = None) -> bool:
 
     Args:
       enable: True installs the unrolled rule, False puts jax's CPU rule back; None (the
-        default) installs it only with VDM_THREEFRY_UNROLLED=1, on the jax versions of
-        THREEFRY_JAX_VERSIONS only (off by default: see item 4 of this module's docstring).
+        default) installs it unless VDM_THREEFRY_UNROLLED=0, on the jax versions of
+        THREEFRY_JAX_VERSIONS only.
 
     Returns:
       Whether the unrolled rule is now in force.
@@ -126,7 +122,7 @@ def unroll_threefry(enable: bool | None = None) -> bool:
     if enable is None:
         if jax.__version__ not in THREEFRY_JAX_VERSIONS:
             return False  # the private rules below may not exist there
-        enable = os.environ.get("VDM_THREEFRY_UNROLLED", "0") == "1"
+        enable = os.environ.get("VDM_THREEFRY_UNROLLED", "1") != "0"
     # Private modules: the rules exist under these names in the versions listed above.
     from jax._src.interpreters import mlir
     from jax._src.random import threefry2x32 as threefry

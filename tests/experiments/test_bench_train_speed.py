@@ -1,5 +1,5 @@
 """bench_train_speed from the command line: two settings (before: glibc, rolled Threefry, the
-concatenated skip; after: the allocator from pip, the opt-in unrolled Threefry, split skips) on
+concatenated skip; after: the allocator from pip, the unrolled Threefry, split skips) on
 a one-block U-Net, each in its own process, with the same first-step loss, and both tables
 written."""
 

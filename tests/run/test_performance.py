@@ -191,6 +191,6 @@ def test_unrolled_threefry_draws_the_same_bits():
     assert "while" in rolled_text and "while" not in unrolled_text
     for a, b in zip(rolled, unrolled, strict=True):
         np.testing.assert_array_equal(a, b)
-    # Off unless asked for (VDM_THREEFRY_UNROLLED=1): vdm/runtime.py item 4.
-    if os.environ.get("VDM_THREEFRY_UNROLLED", "0") != "1":
-        assert "while" in lowered().as_text()
+    # On unless turned off (VDM_THREEFRY_UNROLLED=0): vdm/runtime.py item 4.
+    if os.environ.get("VDM_THREEFRY_UNROLLED", "1") != "0":
+        assert "while" not in lowered().as_text()

@@ -44,12 +44,12 @@ SUBPROCESS_TIMEOUT = 200
 # numbers to its tolerance; the product's flags (vdm/runtime.py) are untouched. Tests whose
 # claim depends on the product's exact code generation (bit-identical results across device
 # layouts, a tolerance calibrated on one training trajectory) run with env_for(product=True).
-# Eigen's intra-op thread pool is off too: with these emitters one in-process run wedged in it
-# (every thread parked, a 150-step scan never returning; a known XLA:CPU failure, which
-# --xla_cpu_multi_thread_eigen=false avoids), and with two pytest workers on two cores it
-# costs little (three CLI files 139 against 132 s). Conftest sets the in-process flags
-# before JAX's backend starts. VDM_TEST_XLA_FLAGS=0 runs the whole suite under XLA's default
-# pipeline.
+# Eigen's intra-op thread pool is off too; with two pytest workers on two cores it costs
+# little (three CLI files 139 against 132 s). It was turned off for one in-process run that
+# wedged with every thread parked, which turned out to be LAPACK's LU deadlocking the pool
+# (tests/sampling/test_no_lapack.py keeps it out of compiled programs); the flag did not
+# prevent that. Conftest sets the in-process flags before JAX's backend starts.
+# VDM_TEST_XLA_FLAGS=0 runs the whole suite under XLA's default pipeline.
 _CLASSIC = (
     "--xla_cpu_multi_thread_eigen=false --xla_cpu_use_fusion_emitters=false"
     " --xla_backend_optimization_level="
@@ -57,6 +57,16 @@ _CLASSIC = (
 _FAST_COMPILE = os.environ.get("VDM_TEST_XLA_FLAGS", "1") != "0"
 TEST_XLA_FLAGS = _CLASSIC + "1" if _FAST_COMPILE else ""
 SUBPROCESS_XLA_FLAGS = _CLASSIC + "0" if _FAST_COMPILE else ""
+
+# jax's rolled Threefry lowering in the tests, in-process and in subprocesses (vdm/runtime.py
+# item 4 makes the unrolled one the product's default): the same random bits
+# (tests/run/test_performance.py compares them and checks the default), while the unrolled hash
+# makes every small program bigger: a tiny MLP's 2-step train scan compiled in 6.1 s against
+# 4.0 s (2-vCPU EPYC, these flags). Set before any test imports vdm.model; a value the user set
+# wins, and env_for(product=True) leaves the product's default to its subprocesses.
+_USER_THREEFRY = os.environ.get("VDM_THREEFRY_UNROLLED")
+if _FAST_COMPILE and _USER_THREEFRY is None:
+    os.environ["VDM_THREEFRY_UNROLLED"] = "0"
 
 
 def with_test_xla_flags(flags: str) -> str:
@@ -118,9 +128,12 @@ def overrides(**extra) -> list[str]:
 
 def env_for(devices: int = 1, product: bool = False) -> dict:
     """Environment of a subprocess with `devices` simulated CPU devices, compiling with
-    SUBPROCESS_XLA_FLAGS, or with the product's flags alone when `product`."""
+    SUBPROCESS_XLA_FLAGS and the rolled Threefry, or with the product's settings alone when
+    `product`."""
     env = dict(os.environ)
     compile_flags = "" if product else SUBPROCESS_XLA_FLAGS
+    if product and _USER_THREEFRY is None:
+        env.pop("VDM_THREEFRY_UNROLLED", None)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {compile_flags}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     # Subprocesses of one test compile the same programs; the persistent cache shares them

@@ -172,9 +172,9 @@ def _random_draws():
     )(key)
 
 
-def test_unrolled_threefry_draws_the_same_bits():
+def test_unrolled_threefry_draws_the_same_bits(monkeypatch):
     """vdm/runtime.py's unrolled Threefry lowering on CPU: the same random numbers as jax's
-    rolled one (no loop left in the program once it is in force)."""
+    rolled one (no loop left in the program once it is in force), and on by default."""
     from vdm import runtime
 
     lowered = lambda: jax.jit(lambda k: jax.random.bits(k, (64,))).lower(jax.random.key(0))
@@ -185,12 +185,15 @@ def test_unrolled_threefry_draws_the_same_bits():
         assert runtime.unroll_threefry(True) is True
         jax.clear_caches()
         unrolled, unrolled_text = _random_draws(), lowered().as_text()
+        # The product's default (the suite itself runs rolled: train_helpers) and its opt-out.
+        monkeypatch.delenv("VDM_THREEFRY_UNROLLED", raising=False)
+        assert runtime.unroll_threefry() is (jax.__version__ in runtime.THREEFRY_JAX_VERSIONS)
+        monkeypatch.setenv("VDM_THREEFRY_UNROLLED", "0")
+        assert runtime.unroll_threefry() is False
     finally:
-        runtime.unroll_threefry()  # back to the process default
+        monkeypatch.undo()
+        runtime.unroll_threefry()  # back to this process's setting
         jax.clear_caches()
     assert "while" in rolled_text and "while" not in unrolled_text
     for a, b in zip(rolled, unrolled, strict=True):
         np.testing.assert_array_equal(a, b)
-    # On unless turned off (VDM_THREEFRY_UNROLLED=0): vdm/runtime.py item 4.
-    if os.environ.get("VDM_THREEFRY_UNROLLED", "1") != "0":
-        assert "while" not in lowered().as_text()

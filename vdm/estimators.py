@@ -74,6 +74,7 @@ def ode(
     steps: int = 64,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    density_tol: float = 0.0,
     max_steps: int = 4096,
     t_eps: float = 0.0,
     num_samples: int = 1,
@@ -104,6 +105,7 @@ def ode(
         steps=steps,
         rtol=rtol,
         atol=atol,
+        density_tol=density_tol,
         max_steps=max_steps,
         batch_sharding=batch_sharding,
     )

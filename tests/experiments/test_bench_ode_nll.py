@@ -16,20 +16,27 @@ def test_command_line_measures_t_and_log_snr_rows(trained_workdir, tmp_path_fact
     flags = [*th.TRAINED_FLAGS, "--config.eval.ode.dequantization=none"]
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_ode_nll", f"--config={th.CONFIG}", *flags,
-         f"--workdir={workdir}", "--tols=1e-3", "--reference_tol=1e-5",
+         f"--workdir={workdir}", "--tols=1e-3", "--density_tols=0,1e-4", "--reference_tol=1e-5",
          "--reference_solver=tsit5", "--trace=exact", f"--out={out}"],
         cwd=th.REPO, env=th.env_for(), capture_output=True, text=True,
         timeout=th.SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "ode_nll.json").read_text())
-    rows = {r["time"]: r for r in record["rows"]}
-    assert sorted(rows) == ["log_snr", "t"] and record["meta"]["examples"] == 96
+    rows = {(r["time"], r["density_tol"]): r for r in record["rows"]}
+    assert sorted(rows) == [("log_snr", 0), ("log_snr", 1e-4), ("t", 0), ("t", 1e-4)]
+    assert record["meta"]["examples"] == 96
     for r in (*rows.values(), record["reference"]):
         assert r["solver"] == "tsit5" and r["steps_mean"] > 1
         assert r["nfe_per_example"] == 6 * r["steps_mean"]
-    assert record["reference"]["steps_mean"] > rows["t"]["steps_mean"]  # tighter: more steps
+    assert record["reference"]["steps_mean"] > rows["t", 0]["steps_mean"]  # tighter: more steps
+    # Bounding the log-density's error too takes more steps and is closer to the reference.
+    assert rows["t", 1e-4]["steps_mean"] > rows["t", 0]["steps_mean"]
+    assert rows["t", 1e-4]["example_mae"] < rows["t", 0]["example_mae"]
     for r in rows.values():
-        assert abs(r["bpd"] - record["reference"]["bpd"]) < 0.05, r
+        assert len(r["per_example"]) == 96
+        assert r["error"] == pytest.approx(abs(r["bpd"] - record["reference"]["bpd"]), abs=1e-9)
+        assert r["error"] <= r["example_mae"] <= r["example_max_error"], r
+        assert r["error"] < 0.05, r
     table = (out / "ode_nll.md").read_text()
-    assert "| log_snr | 0.001 |" in table and "| t | 0.001 |" in table
+    assert "| log_snr | 0.001 | 0.0001 |" in table and "| t | 0.001 | 0 |" in table

@@ -84,6 +84,13 @@ def test_ode_in_edm_sigma_time_from_the_command_line(trained, tmp_path):
     assert in_sigma["num_steps_mean"] > 2  # an adaptive solve in the new time
     np.testing.assert_allclose(in_sigma["bpd"], in_t["bpd"], rtol=0, atol=1e-3)
     assert in_sigma["num_examples"] == in_t["num_examples"] == 96
+    # eval.ode.density_tol puts the log-density into the controller's norm with its own
+    # tolerance: at a state tolerance of 1e-3 the density is then as close as the 1e-5 solve.
+    loose = ["--config.eval.ode.rtol=1e-3", "--config.eval.ode.atol=1e-3"]
+    density = ["--config.eval.estimator=ode", *loose, "--config.eval.ode.density_tol=1e-5"]
+    bounded = _evaluated_copy(trained, tmp_path, "density", *EVAL, *density)["2-ode-none.json"]
+    assert bounded["options"]["density_tol"] == 1e-5
+    np.testing.assert_allclose(bounded["bpd"], in_t["bpd"], rtol=0, atol=1e-3)
 
 
 def test_a_killed_evaluation_resumes_to_the_uninterrupted_record(trained, tmp_path):

@@ -204,3 +204,23 @@ def test_ode_log_prob_in_every_time_variable_matches_gaussian():
         assert err.max() < 2e-4 and err.mean() < 5e-5, (time, err.max(), err.mean())
         steps[time] = int(out["num_steps"])
     assert steps["sigma"] < steps["t"], steps  # measured 10 vs 17 at 1e-5
+
+
+def test_density_tol_bounds_the_log_density_error_the_state_tolerance_misses():
+    """At a loose state tolerance the log-density integral, a quadrature on the state's steps,
+    is far off; eval.ode.density_tol makes the controller bound its error too (measured on this
+    Gaussian at rtol = atol = 1e-3: max error 1.4e-2 bits/dim on 8 steps, 3.1e-3 on 11 with
+    density_tol 1e-5)."""
+    den = oracles.gaussian_eps(MU, COV)
+    z0 = _gaussian_z0(128, 2)
+    want = _exact_ode_log_prob(z0, MU, COV)
+    errors, steps = {}, {}
+    for density_tol in (0.0, 1e-5):
+        out = likelihood.ode_log_prob(
+            den, SCHEDULE, {}, jnp.asarray(z0), None, trace="exact", rtol=1e-3, atol=1e-3,
+            density_tol=density_tol,
+        )  # fmt: skip
+        bpd_error = np.abs(np.asarray(out["log_prob"]) - want) / (3 * np.log(2.0))
+        errors[density_tol], steps[density_tol] = bpd_error.max(), int(out["num_steps"])
+    assert errors[1e-5] < 0.3 * errors[0.0], errors
+    assert steps[1e-5] > steps[0.0], steps  # the accuracy is bought with steps

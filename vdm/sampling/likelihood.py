@@ -118,7 +118,8 @@ def _divergence_fn(velocity: Callable, trace: str):
 
 _ODE_STATIC = (
     "denoise_fn", "schedule", "parameterization", "t0", "t1", "trace", "num_probes",
-    "probe", "solver", "time", "steps", "rtol", "atol", "max_steps", "batch_sharding",
+    "probe", "solver", "time", "steps", "rtol", "atol", "density_tol", "max_steps",
+    "batch_sharding",
 )  # fmt: skip
 
 
@@ -142,6 +143,7 @@ def ode_log_prob(
     steps: int = 64,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    density_tol: float = 0.0,
     max_steps: int = 4096,
     batch_sharding=None,
 ) -> dict:
@@ -156,6 +158,10 @@ def ode_log_prob(
       trace: exact|hutchinson.
       num_probes, probe: Hutchinson probe count and distribution (rademacher|gaussian).
       solver, steps, rtol, atol, max_steps: see vdm.ode.integrate (adaptive by default).
+      density_tol: 0: the controller bounds the state's error only, and the log-density
+        integral is a quadrature on its steps. > 0: the log-density's own error is
+        bounded too: absolute tolerance density_tol bits/dim per example, plus rtol of its
+        size, so the state's rtol/atol can be looser than the likelihood's accuracy needs.
       time: one of vdm.sampling.ode.TIMES: t, gamma = -log SNR ('log_snr'; the density change
         is the same integral of the divergence, taken in the other variable), or EDM's
         sigma / alpha ('sigma') or its log ('log_sigma') with the state z / alpha (the
@@ -177,14 +183,29 @@ def ode_log_prob(
         return constrain(flow.field(s, y), batch_sharding)
 
     tangents = _tangents(z, key, trace, num_probes, probe)
-    # The step size is controlled on the state alone: int div ds is a quadrature along its path,
-    # and its error estimate is rounding noise that would let the device count pick the steps.
+    d = math.prod(z.shape[1:])
+    field = _divergence_fn(velocity, trace)
+    if not density_tol:
+        # The step size is controlled on the state alone: int div ds is a quadrature along its
+        # path, and at tight tolerances its error estimate is rounding noise that would let the
+        # device count pick the steps.
+        scale, control = 1.0, lambda y: (y[0],)
+    else:
+        # The controller has one atol; integrating scale * div instead of div gives the
+        # accumulator an absolute tolerance of atol / scale: density_tol bits/dim, in nats.
+        # rtol applies to it as to z: a relative accuracy of the log-density, which measured
+        # fewer steps for the same accuracy than an absolute bound alone on the digits model.
+        scale, control = atol / (density_tol * d * math.log(2.0)), lambda y: y
+        unscaled = field
+        field = lambda s, y, a: jax.tree.map(  # noqa: E731
+            lambda v, w: w * v, unscaled(s, y, a), (1.0, scale)
+        )
     y0 = (flow.scale0 * z, constrain(jnp.zeros(z.shape[:1], z.dtype), batch_sharding))
     (y_end, div_integral), num_steps = ode.integrate(
-        _divergence_fn(velocity, trace), y0, flow.s0, flow.s1, solver=solver, steps=steps,
-        rtol=rtol, atol=atol, max_steps=max_steps, args=tangents, control=lambda y: y[0],
+        field, y0, flow.s0, flow.s1, solver=solver, steps=steps, rtol=rtol, atol=atol,
+        max_steps=max_steps, args=tangents, control=control,
     )  # fmt: skip
-    d = math.prod(z.shape[1:])
+    div_integral = div_integral / scale
     z_end = y_end / flow.scale1
     # y = scale * z: the density of z is that of y times scale^D at each end.
     delta = div_integral + d * (jnp.log(flow.scale0) - jnp.log(flow.scale1))

@@ -8,15 +8,21 @@ the flow of a Gaussian is straight (vdm.sampling.ode.time_change), so the same t
 need fewer steps. This measures them on the same checkpoint, the same examples and the same
 Hutchinson probes (one key), so the difference between two rows is the solver's alone.
 
-For each (time variable, rtol = atol): the ode estimator of `--mode=eval`
-(vdm.run.evaluate.estimate) over the split, with its bits/dim, solver steps (mean over
-batches; one step sequence per batch), network evaluations per example (per step 6 for Tsit5:
-7 stages with the last reused; 13 for Dopri8; rejected steps included) and seconds. Accuracy
-is the distance to a reference solve (--reference_solver at --reference_tol, in t, same
-probes).
+For each (time variable, rtol = atol, density_tol): the ode estimator of `--mode=eval` over
+the split with evaluate.estimate's keys, with its bits/dim, solver steps (mean over batches;
+one step sequence per batch), network evaluations per example (per step 6 for Tsit5: 7 stages
+with the last reused; 13 for Dopri8; rejected steps included) and seconds. Accuracy is the
+distance to a reference solve (--reference_solver at --reference_tol and
+--reference_density_tol, in t, same probes): of the split's mean, and per example, because
+per-example errors of both signs cancel in a mean and a lucky cancellation is no accuracy.
+
+The controller bounds the state's error; by default the log-density integral rides on its
+steps as a quadrature. --density_tols adds rows whose controller also bounds the log-density's
+own error to that many bits/dim (eval.ode.density_tol), so the state's tolerance can be looser.
 
   python -m experiments.bench_ode_nll --workdir=runs/digits [--tols=1e-5,1e-4,1e-3]
-      [--times=t,log_snr,sigma] [--solvers=tsit5,dopri8] [--max_examples=-1]
+      [--times=t,log_snr,sigma] [--solvers=tsit5,dopri8] [--density_tols=0,1e-4]
+      [--max_examples=-1]
       [--config.data.eval_batch_size=64] [--out=experiments/results]
 
 Writes ode_nll.md and ode_nll.json to --out.
@@ -29,13 +35,15 @@ import platform
 import time
 
 import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdm import runtime
+from vdm import parallel, runtime
+from vdm.core import split_stats
+from vdm.estimators import ESTIMATORS
 from vdm.run import evaluate
-from vdm.run.eval_records import Job
-from vdm.run.setup import build_run
+from vdm.run.setup import KeyStream, build_run
 from vdm.sampling.ode import EVALS_PER_STEP
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -53,27 +61,62 @@ flags.DEFINE_list(
 # tolerances run into float32 rounding in the controller's error estimate.
 flags.DEFINE_float("reference_tol", 1e-5, "Tolerance of the reference solve (in t).")
 flags.DEFINE_string("reference_solver", "dopri8", "Solver of the reference solve.")
+flags.DEFINE_float(
+    "reference_density_tol", 0.0, "eval.ode.density_tol of the reference solve (0: state only)."
+)
+flags.DEFINE_list(
+    "density_tols", ["0"], "eval.ode.density_tol of each row: bits/dim (0: state only)."
+)
 flags.DEFINE_string("trace", "hutchinson", "eval.ode.trace: hutchinson | exact.")
 flags.DEFINE_integer("max_examples", -1, "Examples of the split (-1: all).")
 flags.DEFINE_string("out", RESULTS, "Directory for ode_nll.md and ode_nll.json.")
 FLAGS = flags.FLAGS
 
 
-def solve(run, params, time_var: str, tol: float, max_examples: int, solver="tsit5") -> dict:
-    """One ODE pass over the split: bits/dim, steps, NFE per example, seconds."""
+def _per_example(run, params, options: dict, max_examples: int):
+    """The ode estimator's per-example bits/dim over the split, with the keys of
+    vdm.run.evaluate.estimate (batch i, draw d: fold_in(fold_in(EVAL key, i), d)), so its mean
+    is the figure `--mode=eval` reports; and the solver steps of every batch."""
+    sharding = parallel.batch_sharding(run.mesh)
+    fn = jax.jit(lambda p, b, k: ESTIMATORS.build(
+        "ode", options, model=run.model, params=p, batch=b, key=k, batch_sharding=sharding,
+        time_hist=None))  # fmt: skip
+    key, bpd, steps = run.key(KeyStream.EVAL), [], []
+    for i, batch in enumerate(run.eval_batches(max_examples)):
+        b = parallel.global_batch(batch, run.mesh)
+        means, batch_steps = split_stats.draw_average(
+            lambda bb, k: fn(params, bb, k), b, jax.random.fold_in(key, i),
+            run.config.eval.num_draws,
+        )  # fmt: skip
+        real = np.asarray(batch["mask"]) > 0
+        bpd.append(np.asarray(jax.device_get(means["bpd"]), np.float64)[real])
+        steps.append(float(np.mean(jax.device_get(batch_steps))))
+    return np.concatenate(bpd), np.asarray(steps)
+
+
+def solve(run, params, time_var: str, tol: float, max_examples: int, solver="tsit5",
+          density_tol=0.0) -> dict:  # fmt: skip
+    """One ODE pass over the split: bits/dim (and per example), steps, NFE per example, s."""
     options = dict(run.estimators["ode"], time=time_var, rtol=tol, atol=tol, solver=solver,
-                   trace=FLAGS.trace)  # fmt: skip
-    job = Job("ode", options, discrete=run.info.vocab_size is not None)
+                   trace=FLAGS.trace, density_tol=density_tol)  # fmt: skip
     # Compiles on one example (same padded batch shape, so the same program), untimed.
-    evaluate.estimate(run, params, job, max_examples=1)
+    _per_example(run, params, options, 1)
     start = time.perf_counter()
-    fig = evaluate.estimate(run, params, job, max_examples=max_examples)
+    bpd, steps = _per_example(run, params, options, max_examples)
     seconds = time.perf_counter() - start
-    return dict(time=time_var, tol=tol, solver=solver, bpd=fig["bpd"],
-                bpd_stderr=fig["bpd_stderr"], steps_mean=fig["num_steps_mean"],
-                steps_max=fig["num_steps_max"],
-                nfe_per_example=EVALS_PER_STEP[solver] * fig["num_steps_mean"],
-                seconds=seconds)  # fmt: skip
+    return dict(time=time_var, tol=tol, solver=solver, density_tol=density_tol,
+                bpd=float(bpd.mean()), bpd_stderr=float(bpd.std(ddof=1) / np.sqrt(len(bpd))),
+                steps_mean=float(steps.mean()), steps_max=float(steps.max()),
+                nfe_per_example=EVALS_PER_STEP[solver] * float(steps.mean()),
+                seconds=seconds, per_example=bpd.tolist())  # fmt: skip
+
+
+def with_errors(row: dict, ref: dict) -> dict:
+    """The row's error against the reference: of the split's mean, and per example (mean and
+    max of |bpd - reference bpd|: per-example errors of both signs cancel in the mean)."""
+    diff = np.asarray(row["per_example"]) - np.asarray(ref["per_example"])
+    return dict(row, error=float(abs(diff.mean())), example_mae=float(np.abs(diff).mean()),
+                example_max_error=float(np.abs(diff).max()))  # fmt: skip
 
 
 def markdown(rows, ref, meta) -> str:
@@ -82,17 +125,24 @@ def markdown(rows, ref, meta) -> str:
         "",
         f"{meta['date']}, {meta['machine']}, jax {jax.__version__}. Model: {meta['workdir']} "
         f"(step {meta['step']}, EMA). Trace: {meta['trace']} (the same probes in every row). "
-        f"Reference: {ref['solver']}, time=t, rtol = atol = {meta['reference_tol']:g}: "
+        f"Reference: {ref['solver']}, time=t, rtol = atol = {meta['reference_tol']:g}, "
+        f"density_tol {ref['density_tol']:g}: "
         f"{ref['bpd']:.5f} bits/dim, {ref['steps_mean']:.0f} steps. NFE = network "
         "evaluations per example = solver steps x evaluations per step (Tsit5, Dopri5: 6; "
-        "Dopri8: 13), one step sequence per batch.",
+        "Dopri8: 13), one step sequence per batch. density_tol: the controller's bound on the "
+        "log-density integral's own error in bits/dim (0: the state's error only).",
         "",
-        "| solver | time | rtol = atol | bits/dim | abs. error vs reference | steps | NFE | s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "Errors against the reference: of the split's mean bits/dim, and per example (mean and "
+        "max over examples of |bits/dim - reference|).",
+        "",
+        "| solver | time | rtol = atol | density_tol | bits/dim | error of the mean "
+        "| per-example mean error | per-example max error | steps | NFE | s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['solver']} | {r['time']} | {r['tol']:g} | {r['bpd']:.5f} | "
-                     f"{abs(r['bpd'] - ref['bpd']):.1e} | {r['steps_mean']:.0f} | "
+        lines.append(f"| {r['solver']} | {r['time']} | {r['tol']:g} | {r['density_tol']:g} | "
+                     f"{r['bpd']:.5f} | {r['error']:.1e} | {r['example_mae']:.1e} | "
+                     f"{r['example_max_error']:.1e} | {r['steps_mean']:.0f} | "
                      f"{r['nfe_per_example']:.0f} | {r['seconds']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -105,14 +155,17 @@ def main(argv):
     state, step = evaluate.restore_latest(run, FLAGS.workdir)
     params = run.eval_params(state)
     n = FLAGS.max_examples
-    ref = solve(run, params, "t", FLAGS.reference_tol, n, FLAGS.reference_solver)
-    print("reference", ref, flush=True)
+    ref = solve(run, params, "t", FLAGS.reference_tol, n, FLAGS.reference_solver,
+                FLAGS.reference_density_tol)  # fmt: skip
+    print("reference", {k: v for k, v in ref.items() if k != "per_example"}, flush=True)
     rows = []
     for solver in FLAGS.solvers:
         for tol in (float(t) for t in FLAGS.tols):
             for time_var in FLAGS.times:
-                rows.append(solve(run, params, time_var, tol, n, solver))
-                print(rows[-1], flush=True)
+                for density_tol in (float(d) for d in FLAGS.density_tols):
+                    row = solve(run, params, time_var, tol, n, solver, density_tol)
+                    rows.append(with_errors(row, ref))
+                    print({k: v for k, v in rows[-1].items() if k != "per_example"}, flush=True)
     size = run.dataset.split_size(run.config.eval.split)
     meta = dict(date=str(datetime.date.today()), machine=f"{platform.machine()} CPU, "
                 f"{os.cpu_count()} cores", workdir=FLAGS.workdir, step=int(step),

@@ -112,6 +112,37 @@ def ode(
     return {name: out[name] for name in ("bpd", "nll", "num_steps") + TERMS}
 
 
+def check(name: str, options: dict) -> None:
+    """Raises ValueError naming a bad option value of estimator `name` (`eval.<name>.*`), so
+    that a run fails before it restores or compiles anything, with one message from the CLI.
+
+    Args:
+      name: the estimator.
+      options: its options (missing ones take the signature's defaults).
+    """
+    if name != "ode":
+        return
+    from vdm.sampling import ode as ode_lib  # noqa: PLC0415 - imported by likelihood anyway
+
+    o = dict(ESTIMATORS.defaults()["ode"], **options)
+    choices = {"solver": tuple(ode_lib.SOLVERS), "time": ode_lib.TIMES,
+               "trace": ("exact", "hutchinson"), "probe": ("rademacher", "gaussian")}  # fmt: skip
+    for key, allowed in choices.items():
+        if o[key] not in allowed:
+            raise ValueError(f"eval.ode.{key}={o[key]!r}: use one of {', '.join(allowed)}.")
+    for key in ("rtol", "atol"):
+        if not o[key] > 0:
+            raise ValueError(f"eval.ode.{key}={o[key]!r}: a tolerance must be > 0.")
+    if not o["density_tol"] >= 0:
+        raise ValueError(
+            f"eval.ode.density_tol={o['density_tol']!r}: use bits/dim > 0, or 0 to bound the "
+            "error of z alone."
+        )
+    for key in ("steps", "max_steps", "num_probes", "num_samples"):
+        if not o[key] >= 1:
+            raise ValueError(f"eval.ode.{key}={o[key]!r}: must be >= 1.")
+
+
 # The ode estimator's per-example bits/dim terms, which add up to its 'bpd'.
 TERMS = ("prior_bpd", "divergence_bpd", "dequantization_bpd", "jacobian_bpd", "importance_bpd")
 

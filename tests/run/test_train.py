@@ -191,6 +191,19 @@ def _one_message(proc) -> str:
 
 
 @pytest.mark.slow
+def test_bad_ode_option_value_is_one_message_before_anything_runs(tmp_path):
+    # Checked where the config becomes a run (vdm.estimators.check), not at trace time deep in
+    # an evaluation, where it was a jax traceback.
+    ode = ["--config.eval.estimator=elbo,ode"]
+    line = _one_message(th.run_main(tmp_path, *ode, "--config.eval.ode.density_tol=-1e-5",
+                                    mode="eval", check=False))  # fmt: skip
+    assert "eval.ode.density_tol=-1e-05" in line, line
+    line = _one_message(th.run_main(tmp_path, *ode, "--config.eval.ode.solver=rk4",
+                                    mode="eval", check=False))  # fmt: skip
+    assert "eval.ode.solver='rk4'" in line and "tsit5" in line, line
+
+
+@pytest.mark.slow
 def test_misspelt_override_is_one_message_and_verbose_shows_traceback(tmp_path):
     line = _one_message(th.run_main(tmp_path, "--config.optim.learning_rat=0.1", check=False))
     assert "--config.optim.learning_rat: no such config key" in line and "learning_rate" in line

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy.stats import norm
 
 from vdm.core import decoder, diffusion, losses, oracles, schedules
@@ -224,3 +225,5 @@ def test_density_tol_bounds_the_log_density_error_the_state_tolerance_misses():
         errors[density_tol], steps[density_tol] = bpd_error.max(), int(out["num_steps"])
     assert errors[1e-5] < 0.3 * errors[0.0], errors
     assert steps[1e-5] > steps[0.0], steps  # the accuracy is bought with steps
+    with pytest.raises(ValueError, match="density_tol must be >= 0"):
+        likelihood.ode_log_prob(den, SCHEDULE, {}, jnp.asarray(z0), None, density_tol=-1e-5)

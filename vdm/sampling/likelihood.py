@@ -182,6 +182,8 @@ def ode_log_prob(
     def velocity(s, y):
         return constrain(flow.field(s, y), batch_sharding)
 
+    if density_tol < 0:
+        raise ValueError(f"density_tol must be >= 0 bits/dim (0: z alone), got {density_tol}.")
     tangents = _tangents(z, key, trace, num_probes, probe)
     d = math.prod(z.shape[1:])
     field = _divergence_fn(velocity, trace)

@@ -73,25 +73,22 @@ flags.DEFINE_string("out", RESULTS, "Directory for ode_nll.md and ode_nll.json."
 FLAGS = flags.FLAGS
 
 
-def _per_example(run, params, options: dict, max_examples: int):
-    """The ode estimator's per-example bits/dim over the split, with the keys of
+def _per_example(run, fn, max_examples: int):
+    """The jitted estimator fn's per-example bits/dim over the split, with the keys of
     vdm.run.evaluate.estimate (batch i, draw d: fold_in(fold_in(EVAL key, i), d)), so its mean
-    is the figure `--mode=eval` reports; and the solver steps of every batch."""
-    sharding = parallel.batch_sharding(run.mesh)
-    fn = jax.jit(lambda p, b, k: ESTIMATORS.build(
-        "ode", options, model=run.model, params=p, batch=b, key=k, batch_sharding=sharding,
-        time_hist=None))  # fmt: skip
-    key, bpd, steps = run.key(KeyStream.EVAL), [], []
+    is the figure `--mode=eval` reports; and the solver steps of every batch. Everything is
+    fetched after the last batch (no host sync per batch)."""
+    key, out, masks = run.key(KeyStream.EVAL), [], []
     for i, batch in enumerate(run.eval_batches(max_examples)):
         b = parallel.global_batch(batch, run.mesh)
-        means, batch_steps = split_stats.draw_average(
-            lambda bb, k: fn(params, bb, k), b, jax.random.fold_in(key, i),
-            run.config.eval.num_draws,
-        )  # fmt: skip
-        real = np.asarray(batch["mask"]) > 0
-        bpd.append(np.asarray(jax.device_get(means["bpd"]), np.float64)[real])
-        steps.append(float(np.mean(jax.device_get(batch_steps))))
-    return np.concatenate(bpd), np.asarray(steps)
+        means, steps = split_stats.draw_average(
+            fn, b, jax.random.fold_in(key, i), run.config.eval.num_draws
+        )
+        out.append((means["bpd"], steps))
+        masks.append(np.asarray(batch["mask"]) > 0)
+    out = jax.device_get(out)
+    bpd = np.concatenate([np.asarray(o[0], np.float64)[m] for o, m in zip(out, masks, strict=True)])
+    return bpd, np.asarray([np.mean(o[1]) for o in out])
 
 
 def solve(run, params, time_var: str, tol: float, max_examples: int, solver="tsit5",
@@ -99,10 +96,15 @@ def solve(run, params, time_var: str, tol: float, max_examples: int, solver="tsi
     """One ODE pass over the split: bits/dim (and per example), steps, NFE per example, s."""
     options = dict(run.estimators["ode"], time=time_var, rtol=tol, atol=tol, solver=solver,
                    trace=FLAGS.trace, density_tol=density_tol)  # fmt: skip
+    sharding = parallel.batch_sharding(run.mesh)
+    estimate = jax.jit(lambda p, b, k: ESTIMATORS.build(
+        "ode", options, model=run.model, params=p, batch=b, key=k, batch_sharding=sharding,
+        time_hist=None))  # fmt: skip
+    fn = lambda b, k: estimate(params, b, k)  # noqa: E731
     # Compiles on one example (same padded batch shape, so the same program), untimed.
-    _per_example(run, params, options, 1)
+    _per_example(run, fn, 1)
     start = time.perf_counter()
-    bpd, steps = _per_example(run, params, options, max_examples)
+    bpd, steps = _per_example(run, fn, max_examples)
     seconds = time.perf_counter() - start
     return dict(time=time_var, tol=tol, solver=solver, density_tol=density_tol,
                 bpd=float(bpd.mean()), bpd_stderr=float(bpd.std(ddof=1) / np.sqrt(len(bpd))),

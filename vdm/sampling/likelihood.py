@@ -96,8 +96,8 @@ def _tangents(z_like, key, trace: str, num_probes: int, probe: str):
     return tangents
 
 
-def _divergence_fn(velocity: Callable, trace: str):
-    """(t, (z, _), tangents) -> (velocity, divergence [B]), exact or Hutchinson."""
+def _divergence_fn(velocity: Callable, trace: str, div_scale: float = 1.0):
+    """(t, (z, _), tangents) -> (velocity, div_scale * divergence [B]), exact or Hutchinson."""
 
     def field(t, state, tangents):
         z, _ = state  # the second entry accumulates int div dt
@@ -111,7 +111,7 @@ def _divergence_fn(velocity: Callable, trace: str):
             div = jnp.einsum("ibi->b", vj)
         else:
             div = jnp.mean(jnp.sum(vj * tangents.reshape(vj.shape), axis=-1), axis=0)
-        return f, div
+        return f, div_scale * div
 
     return field
 
@@ -186,7 +186,6 @@ def ode_log_prob(
         raise ValueError(f"density_tol must be >= 0 bits/dim (0: z alone), got {density_tol}.")
     tangents = _tangents(z, key, trace, num_probes, probe)
     d = math.prod(z.shape[1:])
-    field = _divergence_fn(velocity, trace)
     if not density_tol:
         # The step size is controlled on the state alone: int div ds is a quadrature along its
         # path, and at tight tolerances its error estimate is rounding noise that would let the
@@ -198,10 +197,7 @@ def ode_log_prob(
         # rtol applies to it as to z: a relative accuracy of the log-density, which measured
         # fewer steps for the same accuracy than an absolute bound alone on the digits model.
         scale, control = atol / (density_tol * d * math.log(2.0)), lambda y: y
-        unscaled = field
-        field = lambda s, y, a: jax.tree.map(  # noqa: E731
-            lambda v, w: w * v, unscaled(s, y, a), (1.0, scale)
-        )
+    field = _divergence_fn(velocity, trace, div_scale=scale)
     y0 = (flow.scale0 * z, constrain(jnp.zeros(z.shape[:1], z.dtype), batch_sharding))
     (y_end, div_integral), num_steps = ode.integrate(
         field, y0, flow.s0, flow.s1, solver=solver, steps=steps, rtol=rtol, atol=atol,

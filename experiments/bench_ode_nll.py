@@ -41,7 +41,6 @@ from ml_collections import config_flags
 
 from vdm import parallel, runtime
 from vdm.core import split_stats
-from vdm.estimators import ESTIMATORS
 from vdm.run import evaluate
 from vdm.run.setup import KeyStream, build_run
 from vdm.sampling.ode import EVALS_PER_STEP
@@ -96,11 +95,9 @@ def solve(run, params, time_var: str, tol: float, max_examples: int, solver="tsi
     """One ODE pass over the split: bits/dim (and per example), steps, NFE per example, s."""
     options = dict(run.estimators["ode"], time=time_var, rtol=tol, atol=tol, solver=solver,
                    trace=FLAGS.trace, density_tol=density_tol)  # fmt: skip
-    sharding = parallel.batch_sharding(run.mesh)
-    estimate = jax.jit(lambda p, b, k: ESTIMATORS.build(
-        "ode", options, model=run.model, params=p, batch=b, key=k, batch_sharding=sharding,
-        time_hist=None))  # fmt: skip
-    fn = lambda b, k: estimate(params, b, k)  # noqa: E731
+    estimate = evaluate.estimator_fn(run.model, "ode", tuple(sorted(options.items())),
+                                     parallel.batch_sharding(run.mesh))  # fmt: skip
+    fn = lambda b, k: estimate(params, b, k, None)  # noqa: E731
     # Compiles on one example (same padded batch shape, so the same program), untimed.
     _per_example(run, fn, 1)
     start = time.perf_counter()

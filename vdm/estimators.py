@@ -27,6 +27,7 @@ import math
 from vdm.registry import Registry
 from vdm.sampling import dequantization as dequantization_lib
 from vdm.sampling import likelihood
+from vdm.sampling import ode as ode_lib
 
 # The ELBO's terms, reported as '<term>_bpd'.
 ELBO_TERMS = ("diffusion", "prior", "recon")
@@ -57,7 +58,29 @@ def elbo(model, params, batch, key, time_hist=None, *, proposal: str = "uniform"
     return {"bpd": terms["bpd"], **{f"{n}_bpd": terms[n] * to_bpd for n in ELBO_TERMS}}
 
 
-@ESTIMATORS.register("ode")
+def _check_ode_options(o: dict) -> None:
+    """Raises ValueError naming a bad `eval.ode.*` value (the registry runs it where the config
+    becomes a run, so a bad value is one CLI message before anything is restored or compiled,
+    not a traceback from inside the first evaluation)."""
+    choices = {"solver": tuple(ode_lib.SOLVERS), "time": ode_lib.TIMES,
+               "trace": likelihood.TRACES, "probe": likelihood.PROBES}  # fmt: skip
+    for key, allowed in choices.items():
+        if o[key] not in allowed:
+            raise ValueError(f"eval.ode.{key}={o[key]!r}: use one of {', '.join(allowed)}.")
+    for key in ("rtol", "atol"):
+        if not o[key] > 0:
+            raise ValueError(f"eval.ode.{key}={o[key]!r}: a tolerance must be > 0.")
+    if not o["density_tol"] >= 0:
+        raise ValueError(
+            f"eval.ode.density_tol={o['density_tol']!r}: use bits/dim > 0, or 0 to bound the "
+            "error of z alone."
+        )
+    for key in ("steps", "max_steps", "num_probes", "num_samples"):
+        if not o[key] >= 1:
+            raise ValueError(f"eval.ode.{key}={o[key]!r}: must be >= 1.")
+
+
+@ESTIMATORS.register("ode", validate=_check_ode_options)
 def ode(
     model,
     params,
@@ -110,37 +133,6 @@ def ode(
         batch_sharding=batch_sharding,
     )
     return {name: out[name] for name in ("bpd", "nll", "num_steps") + TERMS}
-
-
-def check(name: str, options: dict) -> None:
-    """Raises ValueError naming a bad option value of estimator `name` (`eval.<name>.*`), so
-    that a run fails before it restores or compiles anything, with one message from the CLI.
-
-    Args:
-      name: the estimator.
-      options: its options (missing ones take the signature's defaults).
-    """
-    if name != "ode":
-        return
-    from vdm.sampling import ode as ode_lib  # noqa: PLC0415 - imported by likelihood anyway
-
-    o = dict(ESTIMATORS.defaults()["ode"], **options)
-    choices = {"solver": tuple(ode_lib.SOLVERS), "time": ode_lib.TIMES,
-               "trace": ("exact", "hutchinson"), "probe": ("rademacher", "gaussian")}  # fmt: skip
-    for key, allowed in choices.items():
-        if o[key] not in allowed:
-            raise ValueError(f"eval.ode.{key}={o[key]!r}: use one of {', '.join(allowed)}.")
-    for key in ("rtol", "atol"):
-        if not o[key] > 0:
-            raise ValueError(f"eval.ode.{key}={o[key]!r}: a tolerance must be > 0.")
-    if not o["density_tol"] >= 0:
-        raise ValueError(
-            f"eval.ode.density_tol={o['density_tol']!r}: use bits/dim > 0, or 0 to bound the "
-            "error of z alone."
-        )
-    for key in ("steps", "max_steps", "num_probes", "num_samples"):
-        if not o[key] >= 1:
-            raise ValueError(f"eval.ode.{key}={o[key]!r}: must be >= 1.")
 
 
 # The ode estimator's per-example bits/dim terms, which add up to its 'bpd'.

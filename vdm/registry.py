@@ -34,6 +34,8 @@ class Entry:
       doc: the first line of the callable's docstring.
       argument: the parameter that receives the text after ':' in 'name:text' (None: the
         part takes no argument and is named plainly).
+      validate: options (defaults filled in) -> None, raising ValueError naming a bad value;
+        None when any value of the right name will do.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Entry:
     options: Mapping[str, Any]
     doc: str
     argument: str | None = None
+    validate: Callable[[dict], None] | None = None
 
     def __call__(self, *args, **kwargs):
         """Calls the registered callable directly (positional arguments allowed)."""
@@ -71,8 +74,9 @@ class Registry:
         self._entries: dict[str, Entry] = {}
 
     def register(
-        self, name: str, fn: Callable | None = None, *, options=None, argument: str | None = None
-    ):
+        self, name: str, fn: Callable | None = None, *, options=None, argument: str | None = None,
+        validate: Callable[[dict], None] | None = None,
+    ):  # fmt: skip
         """Registers `fn` under `name` (usable as a decorator when fn is omitted).
 
         Args:
@@ -95,7 +99,7 @@ class Registry:
             skip = self.context + ((argument,) if argument else ())
             opts = dict(options) if options is not None else _signature_options(fn, skip)
             doc = (inspect.getdoc(fn) or "").split("\n", 1)[0]
-            self._entries[name] = Entry(name, fn, opts, doc, argument)
+            self._entries[name] = Entry(name, fn, opts, doc, argument, validate)
             return fn
 
         return add if fn is None else add(fn)
@@ -150,7 +154,8 @@ class Registry:
     __getitem__ = get
 
     def check(self, name: str, options: Mapping[str, Any], *, extra: tuple[str, ...] = ()):
-        """Raises ValueError naming every option `name` does not accept.
+        """Raises ValueError naming every option `name` does not accept, or a bad value of
+        one (the part's `validate`, given the options with the part's defaults filled in).
 
         Args:
           name: the part.
@@ -165,6 +170,8 @@ class Registry:
                 f"{self.concept} {name!r} got unknown options {', '.join(unknown)}; "
                 f"it accepts {', '.join(allowed) or 'none'}."
             )
+        if entry.validate is not None:
+            entry.validate({**entry.options, **options})
 
     def build(self, name: str, options: Mapping[str, Any] | None = None, **context):
         """Calls the part with its options and the context arguments its signature names.

@@ -192,8 +192,8 @@ def _one_message(proc) -> str:
 
 @pytest.mark.slow
 def test_bad_ode_option_value_is_one_message_before_anything_runs(tmp_path):
-    # Checked where the config becomes a run (vdm.estimators.check), not at trace time deep in
-    # an evaluation, where it was a jax traceback.
+    # Checked where the config becomes a run (the ode estimator's registered validator), not
+    # at trace time deep in an evaluation, where it was a jax traceback.
     ode = ["--config.eval.estimator=elbo,ode"]
     line = _one_message(th.run_main(tmp_path, *ode, "--config.eval.ode.density_tol=-1e-5",
                                     mode="eval", check=False))  # fmt: skip

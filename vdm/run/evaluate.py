@@ -27,8 +27,11 @@ from vdm.run.setup import KeyStream, Run
 
 
 @functools.lru_cache(maxsize=8)
-def _estimate_fn(model, name: str, options: tuple, batch_sharding):
-    # One jitted estimator per (model, estimator, options), so periodic evals compile once.
+def estimator_fn(model, name: str, options: tuple, batch_sharding):
+    """The jitted (params, batch, key, time_hist) -> per-example figures of estimator `name`
+    with `options` (sorted (key, value) pairs); cached per (model, estimator, options), so
+    periodic evals compile once."""
+
     def estimate(params, batch, key, time_hist):
         return ESTIMATORS.build(
             name, dict(options), model=model, params=params, batch=batch, key=key,
@@ -108,7 +111,7 @@ def estimate(
       time_hist: the train state's per-t loss histogram (for an adaptive time proposal).
     """
     options = tuple(sorted(job.options.items()))
-    fn = _estimate_fn(run.model, job.estimator, options, parallel.batch_sharding(run.mesh))
+    fn = estimator_fn(run.model, job.estimator, options, parallel.batch_sharding(run.mesh))
     key, draws = run.key(KeyStream.EVAL), run.config.eval.num_draws
     rows = partial.load() if partial else []
     done = len(rows)

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import optax
 
-from vdm import data, estimators, nets, optim, parallel
+from vdm import data, nets, optim, parallel
 from vdm.core import schedules
 from vdm.estimators import ESTIMATORS
 from vdm.metrics.features import FEATURES
@@ -170,7 +170,6 @@ def estimator_options(eval_config: ml_collections.ConfigDict) -> dict[str, dict]
     for name in names:
         out[name] = part_options(eval_config, name)
         ESTIMATORS.check(name, out[name])
-        estimators.check(name, out[name])
     return out
 
 

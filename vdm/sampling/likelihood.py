@@ -73,6 +73,10 @@ def evaluate_elbo(
 # Any per-example estimator over a split (bits/dim, its standard error, its terms' means).
 evaluate_estimate = split_stats.evaluate_split
 
+# Divergence estimators and Hutchinson probe distributions (`trace`, `probe`).
+TRACES = ("exact", "hutchinson")
+PROBES = ("rademacher", "gaussian")
+
 
 def _tangents(z_like, key, trace: str, num_probes: int, probe: str):
     """The Jacobian-vector-product directions: basis vectors (exact) or fixed probes."""
@@ -90,9 +94,9 @@ def _tangents(z_like, key, trace: str, num_probes: int, probe: str):
         elif probe == "gaussian":
             tangents = jax.random.normal(key, shape, z_like.dtype)
         else:
-            raise ValueError(f"Unknown probe {probe!r}; use rademacher|gaussian.")
+            raise ValueError(f"Unknown probe {probe!r}; use {'|'.join(PROBES)}.")
     else:
-        raise ValueError(f"Unknown trace {trace!r}; use exact|hutchinson.")
+        raise ValueError(f"Unknown trace {trace!r}; use {'|'.join(TRACES)}.")
     return tangents
 
 

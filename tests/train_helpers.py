@@ -39,7 +39,8 @@ SUBPROCESS_TIMEOUT = 200
 # 1.3 s at -O0 against 4.3 s, a tiny launch 8.5 against 16 CPU-s. -O0 code runs slower, which
 # only pays where a test runs long loops, so the pytest process (1000-step sampler checks:
 # tests/sampling/test_samplers.py 73 s at -O1, 111 s at -O0, 94 s with XLA's defaults) uses
-# -O1 and the vdm.main subprocesses (short runs: three CLI files 132 s at -O0, 160 s at -O1)
+# -O1, lowered to -O0 per test except where a test is marked run_bound (tests/conftest.py),
+# and the vdm.main subprocesses (short runs: three CLI files 132 s at -O0, 160 s at -O1)
 # -O0. Both only choose how the same HLO becomes machine code, so every test checks the same
 # numbers to its tolerance; the product's flags (vdm/runtime.py) are untouched. Tests whose
 # claim depends on the product's exact code generation (bit-identical results across device
@@ -54,9 +55,9 @@ _CLASSIC = (
     "--xla_cpu_multi_thread_eigen=false --xla_cpu_use_fusion_emitters=false"
     " --xla_backend_optimization_level="
 )
-_FAST_COMPILE = os.environ.get("VDM_TEST_XLA_FLAGS", "1") != "0"
-TEST_XLA_FLAGS = _CLASSIC + "1" if _FAST_COMPILE else ""
-SUBPROCESS_XLA_FLAGS = _CLASSIC + "0" if _FAST_COMPILE else ""
+FAST_COMPILE = os.environ.get("VDM_TEST_XLA_FLAGS", "1") != "0"
+TEST_XLA_FLAGS = _CLASSIC + "1" if FAST_COMPILE else ""
+SUBPROCESS_XLA_FLAGS = _CLASSIC + "0" if FAST_COMPILE else ""
 
 # jax's rolled Threefry lowering in the tests, in-process and in subprocesses (vdm/runtime.py
 # item 4 makes the unrolled one the product's default): the same random bits
@@ -65,7 +66,7 @@ SUBPROCESS_XLA_FLAGS = _CLASSIC + "0" if _FAST_COMPILE else ""
 # 4.0 s (2-vCPU EPYC, these flags). Set before any test imports vdm.model; a value the user set
 # wins, and env_for(product=True) leaves the product's default to its subprocesses.
 _USER_THREEFRY = os.environ.get("VDM_THREEFRY_UNROLLED")
-if _FAST_COMPILE and _USER_THREEFRY is None:
+if FAST_COMPILE and _USER_THREEFRY is None:
     os.environ["VDM_THREEFRY_UNROLLED"] = "0"
 
 

@@ -19,6 +19,8 @@ def trained():
     return dc.train(train["x"], train["label"], memory.DIGITS_VOCAB)
 
 
+# Trains the classifier twice (with the module fixture): 5.2 s at -O0 against 3.7 s at -O1.
+@pytest.mark.run_bound
 def test_training_is_deterministic_and_beats_90_percent_test_accuracy(trained):
     train, test = memory.digits("train"), memory.digits("test")
     again = dc.train(train["x"], train["label"], memory.DIGITS_VOCAB)

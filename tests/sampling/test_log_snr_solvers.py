@@ -84,6 +84,8 @@ def test_convergence_order_against_an_accurate_ode_solve(name, opts, rate):
     assert np.log2(errs[0] / errs[1]) > rate, errs
 
 
+# A 1000-step ancestral reference: 15 s at -O0 against 9 s at -O1.
+@pytest.mark.run_bound
 def test_log_snr_solvers_reach_1000_step_ancestral_w2_within_20_evaluations():
     """The issue's proof: W2 of the fitted Gaussian (D = 8, 16384 samples) within two
     exact-sample standard deviations of 1000-step ancestral's, network evaluations counted as

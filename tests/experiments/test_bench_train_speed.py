@@ -22,7 +22,7 @@ def test_command_line_compares_before_and_after_with_the_same_loss(tmp_path):
         [sys.executable, "-m", "experiments.bench_train_speed",
          "--settings=before_glibc,after_mimalloc_threefry", "--rounds=1", "--steps=2",
          *[f"--set={s}" for s in TINY], f"--out={out}"],
-        cwd=th.REPO, env=th.env_for(product=True), capture_output=True, text=True,
+        cwd=th.REPO, env=th.env_for(), capture_output=True, text=True,
         timeout=th.SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

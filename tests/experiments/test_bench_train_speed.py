@@ -11,8 +11,10 @@ import sys
 import pytest
 import train_helpers as th
 
-TINY = ["model.n_layers=1", "model.n_embd=32", "model.norm_groups=8", "data.batch_size=4",
-        "data.eval_batch_size=4"]  # fmt: skip
+# A one-block U-Net on digit-shaped (8x8x1) random data: the benchmark's network and loss on a
+# 48th of its 32x32x3 values (this test 21 s against 24 s with a cold compilation cache).
+TINY = ["data.name=digits", "model.n_layers=1", "model.n_embd=32", "model.norm_groups=8",
+        "data.batch_size=4", "data.eval_batch_size=4"]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -28,13 +28,16 @@ os.environ["XLA_FLAGS"] = th.with_test_xla_flags(os.environ.get("XLA_FLAGS", "")
 # Most in-process tests spend their time compiling, not running: the fast suite (576 tests)
 # took 342 s with every program compiled at -O0 and 344 s at -O1, but per test -O0 was 203 s
 # faster where it helped (a U-Net's loss and gradient 15.5 against 8.1 s) and 205 s slower
-# where it did not (adaptive ODE solves 12 against 79 s, 1000-step sampler loops), measured
+# where it did not (an adaptive ODE solve 12 against 79 s, 1000-step sampler loops), measured
 # side by side on a 2-vCPU EPYC. So the pytest process starts at TEST_XLA_FLAGS' -O1 and
 # lowers each test to -O0 (jax's `jax_disable_most_optimizations`, read at every compile)
 # unless the test is marked `run_bound`. jax keys its compiled programs by function and
 # arguments, not by this flag, so the caches are dropped when the level changes between two
 # tests: a long loop compiled at -O0 by an earlier test is never reused by a run-bound one.
-# Either level computes the same HLO to rounding; the two levels are only code generation.
+# Both levels compile the same HLO; only the machine code differs (results agree to rounding,
+# and the vdm.main subprocesses run at -O0 throughout). To re-decide the markers, compare the
+# `--durations=0` of `VDM_TEST_XLA_FLAGS=0 VDM_THREEFRY_UNROLLED=0 XLA_FLAGS="<_CLASSIC>N"
+# python -m pytest -n 2 -m "not slow"` for N = 0 and 1 (_CLASSIC: tests/train_helpers.py).
 _LEVEL = "jax_disable_most_optimizations"
 
 

@@ -30,7 +30,7 @@ os.environ["XLA_FLAGS"] = th.with_test_xla_flags(os.environ.get("XLA_FLAGS", "")
 # faster where it helped (a U-Net's loss and gradient 15.5 against 8.1 s) and 205 s slower
 # where it did not (an adaptive ODE solve 12 against 79 s, 1000-step sampler loops), measured
 # side by side on a 2-vCPU EPYC. So the pytest process starts at TEST_XLA_FLAGS' -O1 and
-# lowers each test to -O0 (jax's `jax_disable_most_optimizations`, read at every compile)
+# lowers each test to -O0 (jax's flag th.UNOPTIMISED, read at every compile)
 # unless the test is marked `run_bound`. jax keys its compiled programs by function and
 # arguments, not by this flag, so the caches are dropped when the level changes between two
 # tests: a long loop compiled at -O0 by an earlier test is never reused by a run-bound one.
@@ -38,7 +38,6 @@ os.environ["XLA_FLAGS"] = th.with_test_xla_flags(os.environ.get("XLA_FLAGS", "")
 # and the vdm.main subprocesses run at -O0 throughout). To re-decide the markers, compare the
 # `--durations=0` of `VDM_TEST_XLA_FLAGS=0 VDM_THREEFRY_UNROLLED=0 XLA_FLAGS="<_CLASSIC>N"
 # python -m pytest -n 2 -m "not slow"` for N = 0 and 1 (_CLASSIC: tests/train_helpers.py).
-_LEVEL = "jax_disable_most_optimizations"
 
 
 def pytest_runtest_setup(item):
@@ -47,9 +46,9 @@ def pytest_runtest_setup(item):
     if not th.FAST_COMPILE:  # VDM_TEST_XLA_FLAGS=0: XLA's defaults throughout
         return
     unoptimised = item.get_closest_marker("run_bound") is None
-    if jax.config.read(_LEVEL) != unoptimised:
+    if jax.config.read(th.UNOPTIMISED) != unoptimised:
         jax.clear_caches()
-        jax.config.update(_LEVEL, unoptimised)
+        jax.config.update(th.UNOPTIMISED, unoptimised)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import train_helpers as th
 
 # Together on one worker, in this order, under `--dist loadgroup` (as .ci/run runs them).
 pytestmark = pytest.mark.xdist_group("compile_levels")
-_LEVEL = "jax_disable_most_optimizations"
 
 
 def _loop(x):
@@ -20,13 +19,13 @@ LOOP = jax.jit(_loop)  # one function object shared by the tests below, as a lib
 
 
 def test_an_unmarked_test_compiles_without_optimisations():
-    assert jax.config.read(_LEVEL) is th.FAST_COMPILE
+    assert jax.config.read(th.UNOPTIMISED) is th.FAST_COMPILE
     LOOP(jnp.ones(3))  # cached at this test's level
 
 
 @pytest.mark.run_bound
 def test_a_run_bound_test_compiles_with_them_and_recompiles_what_was_cached():
-    assert jax.config.read(_LEVEL) is False
+    assert jax.config.read(th.UNOPTIMISED) is False
     if th.FAST_COMPILE:  # the level changed before this test: jax's caches were dropped
         assert LOOP._cache_size() == 0
     LOOP(jnp.ones(3))

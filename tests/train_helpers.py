@@ -58,6 +58,8 @@ _CLASSIC = (
 FAST_COMPILE = os.environ.get("VDM_TEST_XLA_FLAGS", "1") != "0"
 TEST_XLA_FLAGS = _CLASSIC + "1" if FAST_COMPILE else ""
 SUBPROCESS_XLA_FLAGS = _CLASSIC + "0" if FAST_COMPILE else ""
+# jax's switch that lowers the pytest process's programs to -O0 test by test (tests/conftest.py).
+UNOPTIMISED = "jax_disable_most_optimizations"
 
 # jax's rolled Threefry lowering in the tests, in-process and in subprocesses (vdm/runtime.py
 # item 4 makes the unrolled one the product's default): the same random bits

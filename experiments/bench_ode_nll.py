@@ -20,8 +20,16 @@ The controller bounds the state's error; by default the log-density integral rid
 steps as a quadrature. --density_tols adds rows whose controller also bounds the log-density's
 own error to that many bits/dim (eval.ode.density_tol), so the state's tolerance can be looser.
 
+The step-size controller is diffrax's PID controller: --pids takes (pcoeff/icoeff) pairs, 0/1
+being the classic integral controller (the default) and e.g. 0.3/0.4 a PI controller, which
+reacts less to one noisy error estimate (eval.ode.pcoeff, eval.ode.icoeff). --rows lists rows
+one by one instead of the product of the lists, as solver/time/tol/density_tol/pcoeff/icoeff.
+--reference_json reuses the reference of an earlier run's ode_nll.json (same workdir, examples
+and probes; checked) instead of solving it again.
+
   python -m experiments.bench_ode_nll --workdir=runs/digits [--tols=1e-5,1e-4,1e-3]
-      [--times=t,log_snr,sigma] [--solvers=tsit5,dopri8] [--density_tols=0,1e-4]
+      [--times=t,log_snr,sigma] [--solvers=bosh3,tsit5,dopri8] [--density_tols=0,1e-4]
+      [--pids=0/1,0.3/0.4] [--rows=bosh3/t/1e-3/1e-4/0/1,...] [--reference_json=FILE]
       [--max_examples=-1]
       [--config.data.eval_batch_size=64] [--out=experiments/results]
 
@@ -66,6 +74,11 @@ flags.DEFINE_float(
 flags.DEFINE_list(
     "density_tols", ["0"], "eval.ode.density_tol of each row: bits/dim (0: state only)."
 )
+flags.DEFINE_list("pids", ["0/1"], "Controller coefficients pcoeff/icoeff of each row.")
+flags.DEFINE_list(
+    "rows", [], "Rows solver/time/tol/density_tol/pcoeff/icoeff (instead of the lists' product)."
+)
+flags.DEFINE_string("reference_json", None, "Reuse the reference of this earlier ode_nll.json.")
 flags.DEFINE_string("trace", "hutchinson", "eval.ode.trace: hutchinson | exact.")
 flags.DEFINE_integer("max_examples", -1, "Examples of the split (-1: all).")
 flags.DEFINE_string("out", RESULTS, "Directory for ode_nll.md and ode_nll.json.")
@@ -91,10 +104,11 @@ def _per_example(run, fn, max_examples: int):
 
 
 def solve(run, params, time_var: str, tol: float, max_examples: int, solver="tsit5",
-          density_tol=0.0) -> dict:  # fmt: skip
+          density_tol=0.0, pcoeff=0.0, icoeff=1.0) -> dict:  # fmt: skip
     """One ODE pass over the split: bits/dim (and per example), steps, NFE per example, s."""
     options = dict(run.estimators["ode"], time=time_var, rtol=tol, atol=tol, solver=solver,
-                   trace=FLAGS.trace, density_tol=density_tol)  # fmt: skip
+                   trace=FLAGS.trace, density_tol=density_tol, pcoeff=pcoeff,
+                   icoeff=icoeff)  # fmt: skip
     estimate = evaluate.estimator_fn(run.model, "ode", tuple(sorted(options.items())),
                                      parallel.batch_sharding(run.mesh))  # fmt: skip
     fn = lambda b, k: estimate(params, b, k, None)  # noqa: E731
@@ -104,6 +118,7 @@ def solve(run, params, time_var: str, tol: float, max_examples: int, solver="tsi
     bpd, steps = _per_example(run, fn, max_examples)
     seconds = time.perf_counter() - start
     return dict(time=time_var, tol=tol, solver=solver, density_tol=density_tol,
+                pcoeff=pcoeff, icoeff=icoeff,
                 bpd=float(bpd.mean()), bpd_stderr=float(bpd.std(ddof=1) / np.sqrt(len(bpd))),
                 steps_mean=float(steps.mean()), steps_max=float(steps.max()),
                 nfe_per_example=EVALS_PER_STEP[solver] * float(steps.mean()),
@@ -127,23 +142,69 @@ def markdown(rows, ref, meta) -> str:
         f"Reference: {ref['solver']}, time=t, rtol = atol = {meta['reference_tol']:g}, "
         f"density_tol {ref['density_tol']:g}: "
         f"{ref['bpd']:.5f} bits/dim, {ref['steps_mean']:.0f} steps. NFE = network "
-        "evaluations per example = solver steps x evaluations per step (Tsit5, Dopri5: 6; "
-        "Dopri8: 13), one step sequence per batch. density_tol: the controller's bound on the "
-        "log-density integral's own error in bits/dim (0: the state's error only).",
+        "evaluations per example = solver steps x evaluations per step (Bosh3: 3; Tsit5, "
+        "Dopri5: 6; Dopri8: 13), rejected steps included, one step sequence per batch. "
+        "density_tol: the controller's bound on the log-density integral's own error in "
+        "bits/dim (0: the state's error only). PID: the step-size controller's pcoeff/icoeff "
+        "(0/1: integral).",
         "",
         "Errors against the reference: of the split's mean bits/dim, and per example (mean and "
         "max over examples of |bits/dim - reference|).",
         "",
-        "| solver | time | rtol = atol | density_tol | bits/dim | error of the mean "
+        "| solver | time | rtol = atol | density_tol | PID | bits/dim | error of the mean "
         "| per-example mean error | per-example max error | steps | NFE | s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['solver']} | {r['time']} | {r['tol']:g} | {r['density_tol']:g} | "
+                     f"{r['pcoeff']:g}/{r['icoeff']:g} | "
                      f"{r['bpd']:.5f} | {r['error']:.1e} | {r['example_mae']:.1e} | "
                      f"{r['example_max_error']:.1e} | {r['steps_mean']:.0f} | "
                      f"{r['nfe_per_example']:.0f} | {r['seconds']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def row_specs() -> list[tuple]:
+    """(solver, time, tol, density_tol, pcoeff, icoeff) of each row: --rows as given, else the
+    product of --solvers, --tols, --times, --density_tols and --pids."""
+    if FLAGS.rows:
+        specs = []
+        for text in FLAGS.rows:
+            parts = text.split("/")
+            if len(parts) != 6:
+                raise app.UsageError(
+                    f"--rows entry {text!r}: use solver/time/tol/density_tol/pcoeff/icoeff."
+                )
+            specs.append((parts[0], parts[1], *(float(p) for p in parts[2:])))
+        return specs
+    pids = []
+    for text in FLAGS.pids:
+        p, _, i = text.partition("/")
+        pids.append((float(p), float(i or 1.0)))
+    return [(solver, time_var, float(tol), float(dtol), p, i)
+            for solver in FLAGS.solvers for tol in FLAGS.tols for time_var in FLAGS.times
+            for dtol in FLAGS.density_tols for p, i in pids]  # fmt: skip
+
+
+def reference_from(path: str, meta: dict) -> dict:
+    """The reference row of an earlier run's ode_nll.json, if it measured the same checkpoint,
+    examples and trace (else its per-example figures would not line up with this run's)."""
+    with open(path) as f:
+        earlier = json.load(f)
+    for key in ("workdir", "step", "examples", "trace", "reference_tol"):
+        if earlier["meta"].get(key) != meta[key]:
+            raise app.UsageError(
+                f"--reference_json={path}: its {key} is {earlier['meta'].get(key)!r}, this "
+                f"run's {meta[key]!r}; solve the reference again (leave the flag out)."
+            )
+    ref = earlier["reference"]
+    asked = dict(solver=FLAGS.reference_solver, density_tol=FLAGS.reference_density_tol)
+    for key, value in asked.items():
+        if ref[key] != value:
+            raise app.UsageError(
+                f"--reference_json={path}: its reference {key} is {ref[key]!r}, not {value!r}."
+            )
+    return ref
 
 
 def main(argv):
@@ -154,22 +215,22 @@ def main(argv):
     state, step = evaluate.restore_latest(run, FLAGS.workdir)
     params = run.eval_params(state)
     n = FLAGS.max_examples
-    ref = solve(run, params, "t", FLAGS.reference_tol, n, FLAGS.reference_solver,
-                FLAGS.reference_density_tol)  # fmt: skip
-    print("reference", {k: v for k, v in ref.items() if k != "per_example"}, flush=True)
-    rows = []
-    for solver in FLAGS.solvers:
-        for tol in (float(t) for t in FLAGS.tols):
-            for time_var in FLAGS.times:
-                for density_tol in (float(d) for d in FLAGS.density_tols):
-                    row = solve(run, params, time_var, tol, n, solver, density_tol)
-                    rows.append(with_errors(row, ref))
-                    print({k: v for k, v in rows[-1].items() if k != "per_example"}, flush=True)
     size = run.dataset.split_size(run.config.eval.split)
     meta = dict(date=str(datetime.date.today()), machine=f"{platform.machine()} CPU, "
                 f"{os.cpu_count()} cores", workdir=FLAGS.workdir, step=int(step),
                 trace=FLAGS.trace, reference_tol=FLAGS.reference_tol,
                 examples=size if n < 0 else min(n, size))  # fmt: skip
+    if FLAGS.reference_json:
+        ref = reference_from(FLAGS.reference_json, meta)
+    else:
+        ref = solve(run, params, "t", FLAGS.reference_tol, n, FLAGS.reference_solver,
+                    FLAGS.reference_density_tol)  # fmt: skip
+    print("reference", {k: v for k, v in ref.items() if k != "per_example"}, flush=True)
+    rows = []
+    for solver, time_var, tol, density_tol, pcoeff, icoeff in row_specs():
+        row = solve(run, params, time_var, tol, n, solver, density_tol, pcoeff, icoeff)
+        rows.append(with_errors(row, ref))
+        print({k: v for k, v in rows[-1].items() if k != "per_example"}, flush=True)
     table = markdown(rows, ref, meta)
     print(table)
     os.makedirs(FLAGS.out, exist_ok=True)

@@ -75,6 +75,12 @@ def _check_ode_options(o: dict) -> None:
             f"eval.ode.density_tol={o['density_tol']!r}: use bits/dim > 0, or 0 to bound the "
             "error of z alone."
         )
+    # diffrax's PID controller: a negative or zero integral part never settles on a step size.
+    if not (o["pcoeff"] >= 0 and o["icoeff"] > 0):
+        raise ValueError(
+            f"eval.ode.pcoeff={o['pcoeff']!r}, icoeff={o['icoeff']!r}: use pcoeff >= 0 and "
+            "icoeff > 0 (0, 1: the integral controller; 0.3, 0.4: a PI controller)."
+        )
     for key in ("steps", "max_steps", "num_probes", "num_samples"):
         if not o[key] >= 1:
             raise ValueError(f"eval.ode.{key}={o[key]!r}: must be >= 1.")
@@ -99,6 +105,8 @@ def ode(
     atol: float = 1e-5,
     density_tol: float = 0.0,
     max_steps: int = 4096,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
     t_eps: float = 0.0,
     num_samples: int = 1,
 ):
@@ -130,6 +138,8 @@ def ode(
         atol=atol,
         density_tol=density_tol,
         max_steps=max_steps,
+        pcoeff=pcoeff,
+        icoeff=icoeff,
         batch_sharding=batch_sharding,
     )
     return {name: out[name] for name in ("bpd", "nll", "num_steps") + TERMS}

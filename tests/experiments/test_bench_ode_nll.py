@@ -1,6 +1,7 @@
 """bench_ode_nll from the command line on a tiny trained workdir: every (time, tolerance) row
 and the reference are measured, the same examples and probes give nearly the same bits/dim in
-t and in log-SNR, and the tables are written."""
+t and in log-SNR, and the tables are written; rows listed one by one (solver and step-size
+controller) reuse the reference of an earlier run's JSON."""
 
 import json
 import subprocess
@@ -39,4 +40,24 @@ def test_command_line_measures_t_and_log_snr_rows(trained_workdir, tmp_path_fact
         assert r["error"] <= r["example_mae"] <= r["example_max_error"], r
         assert r["error"] < 0.05, r
     table = (out / "ode_nll.md").read_text()
-    assert "| log_snr | 0.001 | 0.0001 |" in table and "| t | 0.001 | 0 |" in table
+    assert "| log_snr | 0.001 | 0.0001 | 0/1 |" in table and "| t | 0.001 | 0 | 0/1 |" in table
+
+    # Rows listed one by one (Bosh3 with a PI controller) against the reference of the run
+    # above, reused from its JSON rather than solved again.
+    again = tmp_path_factory.mktemp("ode_nll_rows")
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.bench_ode_nll", f"--config={th.CONFIG}", *flags,
+         f"--workdir={workdir}", "--rows=bosh3/t/1e-3/1e-4/0.3/0.4", "--reference_tol=1e-5",
+         "--reference_solver=tsit5", "--trace=exact", f"--out={again}",
+         f"--reference_json={out / 'ode_nll.json'}"],
+        cwd=th.REPO, env=th.env_for(), capture_output=True, text=True,
+        timeout=th.SUBPROCESS_TIMEOUT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    second = json.loads((again / "ode_nll.json").read_text())
+    assert second["reference"] == record["reference"]
+    (row,) = second["rows"]
+    assert (row["solver"], row["pcoeff"], row["icoeff"], row["density_tol"]) == (
+        "bosh3", 0.3, 0.4, 1e-4)  # fmt: skip
+    assert row["nfe_per_example"] == 3 * row["steps_mean"] and row["steps_mean"] > 1
+    assert row["example_mae"] < 0.05, row

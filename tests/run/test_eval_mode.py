@@ -70,7 +70,7 @@ def test_devices_and_processes_give_the_same_figures(trained, tmp_path):
     _assert_same_figures(_records(workdir), one)
 
 
-def test_ode_in_edm_sigma_time_from_the_command_line(trained, tmp_path):
+def test_ode_time_density_bound_and_controller_from_the_command_line(trained, tmp_path):
     # The same density whatever the ODE's time variable: eval.ode.time=sigma (EDM's sigma /
     # alpha, state z / alpha) against the default t. The log-density is not in the solver's
     # error norm, so at rtol 1e-4 the solve in t was 5e-3 bits/dim off (in sigma 1e-4); at 1e-5
@@ -91,6 +91,14 @@ def test_ode_in_edm_sigma_time_from_the_command_line(trained, tmp_path):
     bounded = _evaluated_copy(trained, tmp_path, "density", *EVAL, *density)["2-ode-none.json"]
     assert bounded["options"]["density_tol"] == 1e-5
     np.testing.assert_allclose(bounded["bpd"], in_t["bpd"], rtol=0, atol=1e-3)
+    # Bosh3 with a PI step-size controller (eval.ode.solver, pcoeff, icoeff): the setting that
+    # halves the digits model's network evaluations at the default's accuracy (README).
+    cheap = [*density, "--config.eval.ode.solver=bosh3", "--config.eval.ode.pcoeff=0.3",
+             "--config.eval.ode.icoeff=0.4"]  # fmt: skip
+    bosh3 = _evaluated_copy(trained, tmp_path, "bosh3", *EVAL, *cheap)["2-ode-none.json"]
+    assert bosh3["options"]["solver"] == "bosh3" and bosh3["options"]["pcoeff"] == 0.3
+    assert bosh3["num_steps_mean"] > 2
+    np.testing.assert_allclose(bosh3["bpd"], in_t["bpd"], rtol=0, atol=1e-3)
 
 
 def test_a_killed_evaluation_resumes_to_the_uninterrupted_record(trained, tmp_path):

@@ -245,14 +245,17 @@ def test_sampler_spec_reads_only_the_selected_samplers_options():
 
 @pytest.mark.slow
 def test_sampler_options_from_the_real_command_line(trained_workdir):
-    """`python -m vdm.main --mode=sample` with a solver and its tolerance, and a composed pc."""
+    """`python -m vdm.main --mode=sample` with a solver, its tolerance and step-size controller,
+    and a composed pc."""
     tmp_path = trained_workdir
     ode = th.run_main(
         tmp_path,
         *th.overrides(sample__sampler="ode", sample__steps=4),
-        "--config.sample.ode.solver=tsit5",
+        "--config.sample.ode.solver=bosh3",
         "--config.sample.ode.rtol=1e-3",
         "--config.sample.ode.atol=1e-3",
+        "--config.sample.ode.pcoeff=0.3",
+        "--config.sample.ode.icoeff=0.4",
         mode="sample",
     )
     pc = th.run_main(

@@ -201,6 +201,9 @@ def test_bad_ode_option_value_is_one_message_before_anything_runs(tmp_path):
     line = _one_message(th.run_main(tmp_path, *ode, "--config.eval.ode.solver=rk4",
                                     mode="eval", check=False))  # fmt: skip
     assert "eval.ode.solver='rk4'" in line and "tsit5" in line, line
+    line = _one_message(th.run_main(tmp_path, *ode, "--config.eval.ode.icoeff=0",
+                                    mode="eval", check=False))  # fmt: skip
+    assert "eval.ode.pcoeff=0.0, icoeff=0" in line and "icoeff > 0" in line, line
 
 
 @pytest.mark.slow

@@ -123,7 +123,7 @@ def _divergence_fn(velocity: Callable, trace: str, div_scale: float = 1.0):
 _ODE_STATIC = (
     "denoise_fn", "schedule", "parameterization", "t0", "t1", "trace", "num_probes",
     "probe", "solver", "time", "steps", "rtol", "atol", "density_tol", "max_steps",
-    "batch_sharding",
+    "pcoeff", "icoeff", "batch_sharding",
 )  # fmt: skip
 
 
@@ -149,6 +149,8 @@ def ode_log_prob(
     atol: float = 1e-5,
     density_tol: float = 0.0,
     max_steps: int = 4096,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
     batch_sharding=None,
 ) -> dict:
     """log p_ODE(z) of the PF-ODE model (prior N(0, I) at t1) at time t0, per example.
@@ -161,7 +163,8 @@ def ode_log_prob(
       t0, t1: integration range (t0 < t1).
       trace: exact|hutchinson.
       num_probes, probe: Hutchinson probe count and distribution (rademacher|gaussian).
-      solver, steps, rtol, atol, max_steps: see vdm.ode.integrate (adaptive by default).
+      solver, steps, rtol, atol, max_steps, pcoeff, icoeff: see vdm.sampling.ode.integrate
+        (adaptive by default).
       density_tol: 0: the controller bounds the state's error only, and the log-density
         integral is a quadrature on its steps. > 0: the log-density's own error is
         bounded too: absolute tolerance density_tol bits/dim per example, plus rtol of its
@@ -205,7 +208,7 @@ def ode_log_prob(
     y0 = (flow.scale0 * z, constrain(jnp.zeros(z.shape[:1], z.dtype), batch_sharding))
     (y_end, div_integral), num_steps = ode.integrate(
         field, y0, flow.s0, flow.s1, solver=solver, steps=steps, rtol=rtol, atol=atol,
-        max_steps=max_steps, args=tangents, control=control,
+        max_steps=max_steps, pcoeff=pcoeff, icoeff=icoeff, args=tangents, control=control,
     )  # fmt: skip
     div_integral = div_integral / scale
     z_end = y_end / flow.scale1
@@ -252,7 +255,7 @@ def ode_nll(
       num_samples: K dequantisation draws per example, combined by importance weighting,
         -log (1/K sum_k P(x, z_k) / q(z_k | x)); 1 for 'none'.
       **ode_options: passed to ode_log_prob (parameterization, cond, trace, num_probes, probe,
-        solver, time, steps, rtol, atol, max_steps, batch_sharding).
+        solver, time, steps, rtol, atol, max_steps, pcoeff, icoeff, batch_sharding).
 
     Returns:
       Dict of [B] arrays in nats 'nll', 'log_prob' (log p_ODE at the start, averaged over the

@@ -52,13 +52,17 @@ from vdm.sampling.sharded import constrain, explicit_axes, normal
 SOLVERS = {
     "euler": "Euler",
     "heun": "Heun",
+    # 3rd order, 3 evaluations a step: at the loose tolerances a density bound allows, the
+    # cheapest adaptive solver for the digits model's likelihood (README, "What an ODE
+    # likelihood costs").
+    "bosh3": "Bosh3",
     "tsit5": "Tsit5",
     "dopri5": "Dopri5",
     "dopri8": "Dopri8",  # 8th order: fewer, costlier steps at tight tolerances
 }
-ADAPTIVE = ("tsit5", "dopri5", "dopri8")
+ADAPTIVE = ("bosh3", "tsit5", "dopri5", "dopri8")
 # Network evaluations per adaptive step (stages, less the first-same-as-last one reused).
-EVALS_PER_STEP = {"euler": 1, "heun": 2, "tsit5": 6, "dopri5": 6, "dopri8": 13}
+EVALS_PER_STEP = {"euler": 1, "heun": 2, "bosh3": 3, "tsit5": 6, "dopri5": 6, "dopri8": 13}
 
 
 def drift(model: EpsModel, t, z):
@@ -153,6 +157,8 @@ def integrate(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 4096,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
     args=None,
     control: Callable | None = None,
 ):
@@ -162,11 +168,14 @@ def integrate(
       vector_field: (t, y, args) -> dy/dt for a pytree y of [B, ...] leaves.
       y0: initial state.
       t0, t1: start and end times.
-      solver: euler|heun (fixed uniform grid of `steps` steps) or tsit5|dopri5|dopri8 (adaptive,
-        PID controller with rtol/atol, global norm `batch_max_rms`, first step
+      solver: euler|heun (fixed uniform grid of `steps` steps) or bosh3|tsit5|dopri5|dopri8
+        (adaptive, PID controller with rtol/atol, global norm `batch_max_rms`, first step
         (t1 - t0) / steps).
       steps: fixed step count, or the adaptive solvers' first step.
       rtol, atol: adaptive tolerances.
+      pcoeff, icoeff: the step-size controller's proportional and integral coefficients
+        (diffrax.PIDController; 0, 1 is the classic integral controller). A PI controller
+        (e.g. 0.3, 0.4) reacts less to one noisy error estimate, so fewer steps are rejected.
       max_steps: adaptive step budget.
       args: arrays the vector field needs (passed, not closed over, so that they share the
         solve's sharding mode).
@@ -189,7 +198,9 @@ def integrate(
         # times come in as arguments too (in log-SNR time they are arrays: gamma of t0, t1).
         if adaptive:
             norm = batch_max_rms if control is None else lambda err: block_max_rms(control(err))
-            controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=norm)
+            controller = diffrax.PIDController(
+                rtol=rtol, atol=atol, pcoeff=pcoeff, icoeff=icoeff, norm=norm
+            )
             dt0, budget = (t1 - t0) / steps, max_steps
         else:
             controller = diffrax.StepTo(ts=jnp.linspace(t0, t1, steps + 1))
@@ -248,6 +259,8 @@ def sample(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 4096,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
     t_eps: float = 0.0,
     time: str = "t",
     batch_sharding=None,
@@ -258,6 +271,6 @@ def sample(
     z1 = normal(key, shape, batch_sharding)
     z, _ = flow(
         model, z1, 1.0, t_eps, batch_sharding=batch_sharding, time=time, solver=solver,
-        steps=steps, rtol=rtol, atol=atol, max_steps=max_steps,
+        steps=steps, rtol=rtol, atol=atol, max_steps=max_steps, pcoeff=pcoeff, icoeff=icoeff,
     )  # fmt: skip
     return z

@@ -15,8 +15,9 @@ decode); the option defaults are the registered functions' signature defaults:
   pc         predictor-corrector: predictor (any PREDICTORS name), corrector (any CORRECTORS
              name), corrector_steps, snr, eta, variance
   langevin   annealed Langevin over the grid: steps_each, snr | step_rule='sigma', step_lr
-  ode        probability-flow ODE: solver=heun|euler|tsit5|dopri5|dopri8, rtol, atol,
-             max_steps, t_eps, time=t|log_snr (integrate in t or in gamma = -log SNR)
+  ode        probability-flow ODE: solver=heun|euler|bosh3|tsit5|dopri5|dopri8, rtol, atol,
+             max_steps, pcoeff, icoeff (step-size controller), t_eps,
+             time=t|log_snr|sigma|log_sigma (integrate in t, gamma = -log SNR or EDM's sigma)
   dpm_solver DPM-Solver++ multistep in log-SNR: order=1|2|3, spacing=log_snr|t|edm, rho,
              lower_order_final
   unipc      UniPC predictor-corrector in log-SNR: order=1|2|3, variant=bh1|bh2, and

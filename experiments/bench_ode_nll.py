@@ -31,9 +31,9 @@ and probes; checked) instead of solving it again.
       [--times=t,log_snr,sigma] [--solvers=bosh3,tsit5,dopri8] [--density_tols=0,1e-4]
       [--pids=0/1,0.3/0.4] [--rows=bosh3/t/1e-3/1e-4/0/1,...] [--reference_json=FILE]
       [--max_examples=-1]
-      [--config.data.eval_batch_size=64] [--out=experiments/results]
+      [--config.data.eval_batch_size=64] [--out=experiments/results] [--name=ode_nll]
 
-Writes ode_nll.md and ode_nll.json to --out.
+Writes <name>.md and <name>.json (--name, default ode_nll) to --out.
 """
 
 import datetime
@@ -81,7 +81,8 @@ flags.DEFINE_list(
 flags.DEFINE_string("reference_json", None, "Reuse the reference of this earlier ode_nll.json.")
 flags.DEFINE_string("trace", "hutchinson", "eval.ode.trace: hutchinson | exact.")
 flags.DEFINE_integer("max_examples", -1, "Examples of the split (-1: all).")
-flags.DEFINE_string("out", RESULTS, "Directory for ode_nll.md and ode_nll.json.")
+flags.DEFINE_string("out", RESULTS, "Directory for the tables.")
+flags.DEFINE_string("name", "ode_nll", "The tables' file name: <out>/<name>.md and .json.")
 FLAGS = flags.FLAGS
 
 
@@ -234,9 +235,9 @@ def main(argv):
     table = markdown(rows, ref, meta)
     print(table)
     os.makedirs(FLAGS.out, exist_ok=True)
-    with open(os.path.join(FLAGS.out, "ode_nll.md"), "w") as f:
+    with open(os.path.join(FLAGS.out, f"{FLAGS.name}.md"), "w") as f:
         f.write(table)
-    with open(os.path.join(FLAGS.out, "ode_nll.json"), "w") as f:
+    with open(os.path.join(FLAGS.out, f"{FLAGS.name}.json"), "w") as f:
         json.dump({"meta": meta, "reference": ref, "rows": rows}, f, indent=1)
 
 

@@ -48,13 +48,14 @@ def test_command_line_measures_t_and_log_snr_rows(trained_workdir, tmp_path_fact
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench_ode_nll", f"--config={th.CONFIG}", *flags,
          f"--workdir={workdir}", "--rows=bosh3/t/1e-3/1e-4/0.3/0.4", "--reference_tol=1e-5",
-         "--reference_solver=tsit5", "--trace=exact", f"--out={again}",
+         "--reference_solver=tsit5", "--trace=exact", f"--out={again}", "--name=pid",
          f"--reference_json={out / 'ode_nll.json'}"],
         cwd=th.REPO, env=th.env_for(), capture_output=True, text=True,
         timeout=th.SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    second = json.loads((again / "ode_nll.json").read_text())
+    assert sorted(p.name for p in again.iterdir()) == ["pid.json", "pid.md"]
+    second = json.loads((again / "pid.json").read_text())
     assert second["reference"] == record["reference"]
     (row,) = second["rows"]
     assert (row["solver"], row["pcoeff"], row["icoeff"], row["density_tol"]) == (

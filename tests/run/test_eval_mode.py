@@ -91,8 +91,9 @@ def test_ode_time_density_bound_and_controller_from_the_command_line(trained, tm
     bounded = _evaluated_copy(trained, tmp_path, "density", *EVAL, *density)["2-ode-none.json"]
     assert bounded["options"]["density_tol"] == 1e-5
     np.testing.assert_allclose(bounded["bpd"], in_t["bpd"], rtol=0, atol=1e-3)
-    # Bosh3 with a PI step-size controller (eval.ode.solver, pcoeff, icoeff): the setting that
-    # halves the digits model's network evaluations at the default's accuracy (README).
+    # Bosh3 with a PI step-size controller (eval.ode.solver, pcoeff, icoeff): the solver and
+    # controller of the README's cheaper ODE setting (under half the default's network
+    # evaluations on the digits model, at its accuracy).
     cheap = [*density, "--config.eval.ode.solver=bosh3", "--config.eval.ode.pcoeff=0.3",
              "--config.eval.ode.icoeff=0.4"]  # fmt: skip
     bosh3 = _evaluated_copy(trained, tmp_path, "bosh3", *EVAL, *cheap)["2-ode-none.json"]

@@ -62,26 +62,16 @@ def _check_ode_options(o: dict) -> None:
     """Raises ValueError naming a bad `eval.ode.*` value (the registry runs it where the config
     becomes a run, so a bad value is one CLI message before anything is restored or compiled,
     not a traceback from inside the first evaluation)."""
-    choices = {"solver": tuple(ode_lib.SOLVERS), "time": ode_lib.TIMES,
-               "trace": likelihood.TRACES, "probe": likelihood.PROBES}  # fmt: skip
-    for key, allowed in choices.items():
+    ode_lib.check_options(o, "eval.ode")  # solver, time, tolerances, controller, step counts
+    for key, allowed in (("trace", likelihood.TRACES), ("probe", likelihood.PROBES)):
         if o[key] not in allowed:
             raise ValueError(f"eval.ode.{key}={o[key]!r}: use one of {', '.join(allowed)}.")
-    for key in ("rtol", "atol"):
-        if not o[key] > 0:
-            raise ValueError(f"eval.ode.{key}={o[key]!r}: a tolerance must be > 0.")
     if not o["density_tol"] >= 0:
         raise ValueError(
             f"eval.ode.density_tol={o['density_tol']!r}: use bits/dim > 0, or 0 to bound the "
             "error of z alone."
         )
-    # diffrax's PID controller: a negative or zero integral part never settles on a step size.
-    if not (o["pcoeff"] >= 0 and o["icoeff"] > 0):
-        raise ValueError(
-            f"eval.ode.pcoeff={o['pcoeff']!r}, icoeff={o['icoeff']!r}: use pcoeff >= 0 and "
-            "icoeff > 0 (0, 1: the integral controller; 0.3, 0.4: a PI controller)."
-        )
-    for key in ("steps", "max_steps", "num_probes", "num_samples"):
+    for key in ("num_probes", "num_samples"):
         if not o[key] >= 1:
             raise ValueError(f"eval.ode.{key}={o[key]!r}: must be >= 1.")
 

@@ -275,3 +275,10 @@ def test_sampler_options_from_the_real_command_line(trained_workdir):
         tmp_path, *th.overrides(), "--config.sample.ode.rtl=1e-3", mode="sample", check=False
     )
     assert bad.returncode != 0 and "rtl" in bad.stderr
+    # A bad value is one message before anything is restored or compiled (ode.check_options).
+    bad = th.run_main(
+        tmp_path, *th.overrides(sample__sampler="ode"), "--config.sample.ode.icoeff=0",
+        mode="sample", check=False,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "sample.ode.pcoeff=0.0, icoeff=0" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr

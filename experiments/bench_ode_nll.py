@@ -49,6 +49,7 @@ from ml_collections import config_flags
 
 from vdm import parallel, runtime
 from vdm.core import split_stats
+from vdm.estimators import ESTIMATORS
 from vdm.run import evaluate
 from vdm.run.setup import KeyStream, build_run
 from vdm.sampling.ode import EVALS_PER_STEP
@@ -104,12 +105,19 @@ def _per_example(run, fn, max_examples: int):
     return bpd, np.asarray([np.mean(o[1]) for o in out])
 
 
+def row_options(run, time_var: str, tol: float, solver="tsit5", density_tol=0.0, pcoeff=0.0,
+                icoeff=1.0) -> dict:  # fmt: skip
+    """The ode estimator's options of one row: the config's eval.ode, with the row's solver,
+    time, tolerances and controller."""
+    return dict(run.estimators["ode"], time=time_var, rtol=tol, atol=tol, solver=solver,
+                trace=FLAGS.trace, density_tol=density_tol, pcoeff=pcoeff,
+                icoeff=icoeff)  # fmt: skip
+
+
 def solve(run, params, time_var: str, tol: float, max_examples: int, solver="tsit5",
           density_tol=0.0, pcoeff=0.0, icoeff=1.0) -> dict:  # fmt: skip
     """One ODE pass over the split: bits/dim (and per example), steps, NFE per example, s."""
-    options = dict(run.estimators["ode"], time=time_var, rtol=tol, atol=tol, solver=solver,
-                   trace=FLAGS.trace, density_tol=density_tol, pcoeff=pcoeff,
-                   icoeff=icoeff)  # fmt: skip
+    options = row_options(run, time_var, tol, solver, density_tol, pcoeff, icoeff)
     estimate = evaluate.estimator_fn(run.model, "ode", tuple(sorted(options.items())),
                                      parallel.batch_sharding(run.mesh))  # fmt: skip
     fn = lambda b, k: estimate(params, b, k, None)  # noqa: E731
@@ -221,6 +229,15 @@ def main(argv):
                 f"{os.cpu_count()} cores", workdir=FLAGS.workdir, step=int(step),
                 trace=FLAGS.trace, reference_tol=FLAGS.reference_tol,
                 examples=size if n < 0 else min(n, size))  # fmt: skip
+    specs = row_specs()
+    for solver, time_var, tol, density_tol, pcoeff, icoeff in specs:
+        # The estimator's own option check, before the reference's minutes of solving: a bad
+        # row is one message, not a traceback after the reference.
+        options = row_options(run, time_var, tol, solver, density_tol, pcoeff, icoeff)
+        try:
+            ESTIMATORS.check("ode", options)
+        except ValueError as e:
+            raise app.UsageError(f"row {solver}/{time_var}/{tol:g}/{density_tol:g}: {e}") from e
     if FLAGS.reference_json:
         ref = reference_from(FLAGS.reference_json, meta)
     else:
@@ -228,7 +245,7 @@ def main(argv):
                     FLAGS.reference_density_tol)  # fmt: skip
     print("reference", {k: v for k, v in ref.items() if k != "per_example"}, flush=True)
     rows = []
-    for solver, time_var, tol, density_tol, pcoeff, icoeff in row_specs():
+    for solver, time_var, tol, density_tol, pcoeff, icoeff in specs:
         row = solve(run, params, time_var, tol, n, solver, density_tol, pcoeff, icoeff)
         rows.append(with_errors(row, ref))
         print({k: v for k, v in rows[-1].items() if k != "per_example"}, flush=True)

@@ -20,16 +20,17 @@ The controller bounds the state's error; by default the log-density integral rid
 steps as a quadrature. --density_tols adds rows whose controller also bounds the log-density's
 own error to that many bits/dim (eval.ode.density_tol), so the state's tolerance can be looser.
 
-The step-size controller is diffrax's PID controller: --pids takes (pcoeff/icoeff) pairs, 0/1
-being the classic integral controller (the default) and e.g. 0.3/0.4 a PI controller, which
-reacts less to one noisy error estimate (eval.ode.pcoeff, eval.ode.icoeff). --rows lists rows
-one by one instead of the product of the lists, as solver/time/tol/density_tol/pcoeff/icoeff.
+--rows lists rows one by one instead of the product of the lists, as
+solver/time/tol/density_tol/pcoeff/icoeff: pcoeff/icoeff are the step-size controller's
+coefficients (eval.ode.pcoeff, eval.ode.icoeff; diffrax's PID controller), 0/1 the classic
+integral controller (the product's rows use it) and e.g. 0.3/0.4 a PI controller, which reacts
+less to one noisy error estimate.
 --reference_json reuses the reference of an earlier run's ode_nll.json (same workdir, examples
 and probes; checked) instead of solving it again.
 
   python -m experiments.bench_ode_nll --workdir=runs/digits [--tols=1e-5,1e-4,1e-3]
       [--times=t,log_snr,sigma] [--solvers=bosh3,tsit5,dopri8] [--density_tols=0,1e-4]
-      [--pids=0/1,0.3/0.4] [--rows=bosh3/t/1e-3/1e-4/0/1,...] [--reference_json=FILE]
+      [--rows=bosh3/t/1e-3/1e-4/0.3/0.4,...] [--reference_json=FILE]
       [--max_examples=-1]
       [--config.data.eval_batch_size=64] [--out=experiments/results] [--name=ode_nll]
 
@@ -75,7 +76,6 @@ flags.DEFINE_float(
 flags.DEFINE_list(
     "density_tols", ["0"], "eval.ode.density_tol of each row: bits/dim (0: state only)."
 )
-flags.DEFINE_list("pids", ["0/1"], "Controller coefficients pcoeff/icoeff of each row.")
 flags.DEFINE_list(
     "rows", [], "Rows solver/time/tol/density_tol/pcoeff/icoeff (instead of the lists' product)."
 )
@@ -175,7 +175,7 @@ def markdown(rows, ref, meta) -> str:
 
 def row_specs() -> list[tuple]:
     """(solver, time, tol, density_tol, pcoeff, icoeff) of each row: --rows as given, else the
-    product of --solvers, --tols, --times, --density_tols and --pids."""
+    product of --solvers, --tols, --times and --density_tols (integral controller, 0/1)."""
     if FLAGS.rows:
         specs = []
         for text in FLAGS.rows:
@@ -186,13 +186,9 @@ def row_specs() -> list[tuple]:
                 )
             specs.append((parts[0], parts[1], *(float(p) for p in parts[2:])))
         return specs
-    pids = []
-    for text in FLAGS.pids:
-        p, _, i = text.partition("/")
-        pids.append((float(p), float(i or 1.0)))
-    return [(solver, time_var, float(tol), float(dtol), p, i)
+    return [(solver, time_var, float(tol), float(dtol), 0.0, 1.0)
             for solver in FLAGS.solvers for tol in FLAGS.tols for time_var in FLAGS.times
-            for dtol in FLAGS.density_tols for p, i in pids]  # fmt: skip
+            for dtol in FLAGS.density_tols]  # fmt: skip
 
 
 def reference_from(path: str, meta: dict) -> dict:

@@ -6,8 +6,8 @@
 
 A setting is a set of process switches (environment variables read before JAX starts: the
 allocator vdm/runtime.py preloads, its Threefry lowering) and config overrides
-(model.skip_join), so every setting runs in its own subprocess, the settings in turn,
-`--rounds` times round-robin.
+(model.skip_join, model.fused_norm_swish), so every setting runs in its own subprocess, the
+settings in turn, `--rounds` times round-robin.
 The first setting listed is the reference: each figure is also given as the speed-up over it
 within the same round, which is what survives a shared machine's drift.
 
@@ -40,7 +40,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # lowering (vdm/runtime.py item 4), and "after_mimalloc_threefry" is today's default on a
 # pip-only machine. Each names its Threefry lowering, so the table keeps its meaning whatever
 # the default.
-BEFORE = {"model.skip_join": "concat"}
+BEFORE = {"model.skip_join": "concat", "model.fused_norm_swish": False}
 ROLLED = {"VDM_THREEFRY_UNROLLED": "0"}
 UNROLLED = {"VDM_THREEFRY_UNROLLED": "1"}
 SETTINGS = {
@@ -51,6 +51,11 @@ SETTINGS = {
     "after_mimalloc": ({**ROLLED, "VDM_ALLOCATOR": "mimalloc"}, {}),
     "after_mimalloc_threefry": ({**UNROLLED, "VDM_ALLOCATOR": "mimalloc"}, {}),
     "after_tcmalloc_threefry": ({**UNROLLED, "VDM_ALLOCATOR": "tcmalloc"}, {}),
+    # Today's default less the fused swish(GroupNorm): that switch alone.
+    "unfused_norm_swish": (
+        {**UNROLLED, "VDM_ALLOCATOR": "mimalloc"},
+        {"model.fused_norm_swish": False},
+    ),
 }
 
 flags.DEFINE_list("settings", list(SETTINGS), "Settings to run; the first is the reference.")

@@ -25,6 +25,7 @@ layouts hold the same numbers and `stack_params` / `unstack_params` convert betw
 """
 
 import math
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -210,6 +211,16 @@ class ConditioningEmbed(nn.Module):
         return h
 
 
+def norm_then_swish(norm_groups: int, dtype, fused: bool, name: str, x):
+    """swish(GroupNorm(x)) inside the calling module's compact scope, as one fused function
+    or (fused=False) as the two steps autodiff differentiates; same parameters, same numbers.
+    x may be a tuple of parts (then a tuple of results)."""
+    h = GroupNorm(norm_groups, dtype=dtype, swish=fused, name=name)(x)
+    if fused:
+        return h
+    return tuple(map(nn.swish, h)) if isinstance(h, tuple) else nn.swish(h)
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm, swish, conv3x3, + projected conditioning, GroupNorm, swish, dropout, conv3x3.
 
@@ -223,6 +234,7 @@ class ResnetBlock(nn.Module):
     train: bool = False
     conv_grad: str = "xla"
     dtype: Dtype = jnp.float32
+    fused_norm_swish: bool = True  # swish(GroupNorm) as one function (vdm/nets/group_norm.py)
 
     @nn.compact
     def __call__(self, x, cond):
@@ -230,8 +242,8 @@ class ResnetBlock(nn.Module):
         in_ch = _channel_slices(x)[1] if isinstance(x, tuple) else x.shape[-1]
         out_ch = self.out_ch or in_ch
         conv = dict(grad=self.conv_grad, dtype=self.dtype)
-        h = GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_1")(x)
-        h = tuple(map(nn.swish, h)) if isinstance(h, tuple) else nn.swish(h)
+        norm_swish = partial(norm_then_swish, self.norm_groups, self.dtype, self.fused_norm_swish)
+        h = norm_swish("norm_1", x)
         h = Conv3x3(out_ch, **conv, name="conv_1")(h)
         proj = nn.Dense(
             out_ch,
@@ -241,7 +253,7 @@ class ResnetBlock(nn.Module):
             name="cond_proj",
         )(cond)
         h = h + proj[:, None, None, :]
-        h = nn.swish(GroupNorm(self.norm_groups, dtype=self.dtype, name="norm_2")(h))
+        h = norm_swish("norm_2", h)
         h = nn.Dropout(self.dropout)(h, deterministic=not self.train)
         h = Conv3x3(out_ch, nn.initializers.zeros, **conv, name="conv_2")(h)
         if isinstance(x, tuple) and in_ch != out_ch:

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 
 from vdm.nets.base_measure import add_base_measure
-from vdm.nets.group_norm import GroupNorm
 from vdm.nets.layers import (
     AttentionBlock,
     ConditioningEmbed,
@@ -31,6 +30,7 @@ from vdm.nets.layers import (
     ResnetBlock,
     fourier_features,
     join_skip,
+    norm_then_swish,
 )
 
 
@@ -82,6 +82,7 @@ class UNet(nn.Module):
     dtype: str = "float32"
     attention: str = "softmax"  # softmax|deferred_norm (layers.AttentionBlock)
     skip_join: str = "split"  # concat|split: how up blocks take their skip (layers.join_skip)
+    fused_norm_swish: bool = True  # swish(GroupNorm) as one function (vdm/nets/group_norm.py)
     # The published form eps_hat = out + z_t (see vdm/nets/base_measure.py); the
     # parameterisation picks the base of other predicted quantities.
     base_measure: bool = False
@@ -110,6 +111,7 @@ class UNet(nn.Module):
             train=train,
             conv_grad=self.conv_grad,
             dtype=dtype,
+            fused_norm_swish=self.fused_norm_swish,
         )
         conv = dict(grad=self.conv_grad, dtype=dtype)
 
@@ -150,7 +152,7 @@ class UNet(nn.Module):
                 h = Upsample(self.conv_grad, dtype, name=f"up_{level}_upsample")(h)
         assert not skips, "every skip is consumed exactly once"
 
-        h = nn.swish(GroupNorm(self.norm_groups, dtype=dtype, name="norm_out")(h))
+        h = norm_then_swish(self.norm_groups, dtype, self.fused_norm_swish, "norm_out", h)
         out = Conv3x3(z.shape[-1], nn.initializers.zeros, **conv, name="conv_out")(h)
         out = out.astype(jnp.float32)
         if self.base_measure:

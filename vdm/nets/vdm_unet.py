@@ -30,7 +30,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vdm.nets.base_measure import add_base_measure
-from vdm.nets.group_norm import GroupNorm
 from vdm.nets.layers import (
     AttentionBlock,
     ConditioningEmbed,
@@ -39,6 +38,7 @@ from vdm.nets.layers import (
     apply_stack,
     fourier_features,
     join_skip,
+    norm_then_swish,
 )
 
 STACKS = ("down", "up")  # parameter names of the repeated blocks (see layers.stack_params)
@@ -56,6 +56,7 @@ class DownBlock(nn.Module):
     conv_grad: str
     dtype: Any
     attention: str
+    fused_norm_swish: bool
 
     @nn.compact
     def __call__(self, h, cond):
@@ -66,6 +67,7 @@ class DownBlock(nn.Module):
             self.train,
             self.conv_grad,
             self.dtype,
+            self.fused_norm_swish,
             name="resnet",
         )(h, cond)
         if self.with_attention:
@@ -87,6 +89,7 @@ class UpBlock(nn.Module):
     conv_grad: str
     dtype: Any
     attention: str
+    fused_norm_swish: bool
     skip_join: str
 
     @nn.compact
@@ -98,6 +101,7 @@ class UpBlock(nn.Module):
             self.train,
             self.conv_grad,
             self.dtype,
+            self.fused_norm_swish,
             name="resnet",
         )(join_skip(h, skip, self.skip_join, self.norm_groups), cond)
         if self.with_attention:
@@ -133,6 +137,7 @@ class VDMUNet(nn.Module):
     dtype: str = "float32"
     attention: str = "softmax"  # softmax|deferred_norm (layers.AttentionBlock)
     skip_join: str = "split"  # concat|split: how up blocks take their skip (layers.join_skip)
+    fused_norm_swish: bool = True  # swish(GroupNorm) as one function (vdm/nets/group_norm.py)
     # The published form eps_hat = out + z_t (see vdm/nets/base_measure.py); the
     # parameterisation picks the base of other predicted quantities.
     base_measure: bool = False
@@ -166,6 +171,7 @@ class VDMUNet(nn.Module):
             conv_grad=self.conv_grad,
             dtype=dtype,
             attention=self.attention,
+            fused_norm_swish=self.fused_norm_swish,
         )
         stack = dict(shared=(emb,), scan=self.scan, remat=self.remat)
         h_in = h
@@ -181,6 +187,7 @@ class VDMUNet(nn.Module):
             train=train,
             conv_grad=self.conv_grad,
             dtype=dtype,
+            fused_norm_swish=self.fused_norm_swish,
         )
         h = ResnetBlock(name="mid_resnet_1", **res)(h, emb)
         h = AttentionBlock(
@@ -191,7 +198,7 @@ class VDMUNet(nn.Module):
         up_kwargs = dict(block_kwargs, skip_join=self.skip_join)
         h, _ = apply_stack(UpBlock, up_kwargs, self.n_layers + 1, "up", h, skips, **stack)
 
-        h = nn.swish(GroupNorm(self.norm_groups, dtype=dtype, name="norm_out")(h))
+        h = norm_then_swish(self.norm_groups, dtype, self.fused_norm_swish, "norm_out", h)
         out = Conv3x3(z.shape[-1], nn.initializers.zeros, **conv, name="conv_out")(h)
         out = out.astype(jnp.float32)
         if self.base_measure:

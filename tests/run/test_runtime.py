@@ -1,14 +1,18 @@
 """The process settings of vdm/runtime.py: XLA:CPU flags and the allocator re-run.
 
-- The convolution flag is appended to a user's XLA_FLAGS, never replaces them, is left out
-  when the user set it or on an untested jaxlib (XLA aborts on unknown flags), and is in force
-  in a process that imports vdm before JAX starts.
+- The convolution flag and (in a CPU-only process) the remat barrier flag are appended to a
+  user's XLA_FLAGS, never replace them, are left out when the user set them or on an untested
+  jaxlib (XLA aborts on unknown flags), and are in force in a process that imports vdm before
+  JAX starts. A process is CPU-only unless a GPU/TPU plugin is installed (or JAX_PLATFORMS=cpu).
 - The allocator re-run happens at most once, only on Linux with an allocator installed, and
   never over one already preloaded or against VDM_ALLOCATOR=system; a re-run process keeps its
   arguments and reports tcmalloc/jemalloc as loaded.
 """
 
+import importlib
+import importlib.util
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -23,15 +27,44 @@ ROOT = str(Path(__file__).resolve().parents[2])  # the repository root
 
 def test_xla_flags_append_and_respect_the_user():
     devices = "--xla_force_host_platform_device_count=4"
-    assert runtime.xla_flags("", "0.10.2") == runtime.YNN_FLAG
-    assert runtime.xla_flags(devices, "0.10.2") == f"{devices} {runtime.YNN_FLAG}"
-    # Idempotent, and a user's own value of the flag wins.
+    both = f"{runtime.YNN_FLAG} {runtime.BARRIER_FLAG}"
+    assert runtime.xla_flags("", "0.10.2") == both
+    assert runtime.xla_flags(devices, "0.10.2") == f"{devices} {both}"
+    # The barrier flag acts on every backend and was measured on CPU only.
+    assert runtime.xla_flags(devices, "0.10.2", cpu_only=False) == f"{devices} {runtime.YNN_FLAG}"
+    # Idempotent, and a user's own value of either flag wins.
     once = runtime.xla_flags(devices, "0.10.2")
     assert runtime.xla_flags(once, "0.10.2") == once
     mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
-    assert runtime.xla_flags(mine, "0.10.2") == mine
-    # An untested jaxlib may not know the flag, and XLA aborts on unknown flags.
+    assert runtime.xla_flags(mine, "0.10.2") == f"{mine} {runtime.BARRIER_FLAG}"
+    passes = "--xla_disable_hlo_passes=fusion"
+    assert runtime.xla_flags(passes, "0.10.2") == f"{passes} {runtime.YNN_FLAG}"
+    # An untested jaxlib may not know the flags, and XLA aborts on unknown flags.
     assert runtime.xla_flags(devices, "9.9.9") == devices
+
+
+def test_cpu_only_process_looks_for_accelerator_plugins(tmp_path, monkeypatch):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    plugins = lambda: [m.name for m in pkgutil.iter_modules(jax_plugins_path())]  # noqa: E731
+    assert runtime.cpu_only_process() == (not plugins() and not has_libtpu())
+    # A CUDA plugin installs a jax_plugins.* module; then the process may run on a GPU.
+    (tmp_path / "jax_plugins" / "xla_cuda99").mkdir(parents=True)
+    (tmp_path / "jax_plugins" / "xla_cuda99" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    assert "xla_cuda99" in plugins()
+    assert not runtime.cpu_only_process()
+    # ... unless the user asks for the CPU.
+    assert runtime.cpu_only_process({"JAX_PLATFORMS": "cpu"})
+
+
+def jax_plugins_path():
+    spec = importlib.util.find_spec("jax_plugins")
+    return list(spec.submodule_search_locations) if spec else []
+
+
+def has_libtpu():
+    return importlib.util.find_spec("libtpu") is not None
 
 
 @pytest.mark.slow
@@ -52,11 +85,13 @@ def test_importing_vdm_sets_the_flag_before_jax_starts():
 
     if jaxlib.version.__version__ in runtime.YNN_FLAG_VERSIONS:
         assert runtime.YNN_FLAG in flags
+        assert (runtime.BARRIER_FLAG in flags) == runtime.cpu_only_process(env)
     env["VDM_XLA_CPU_FLAGS"] = "0"
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True
     )
     assert runtime.YNN_FLAG not in out.stdout
+    assert runtime.BARRIER_FLAG not in out.stdout
 
 
 def test_allocator_env_rules():

@@ -43,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BEFORE = {"model.skip_join": "concat", "model.fused_norm_swish": False}
 ROLLED = {"VDM_THREEFRY_UNROLLED": "0"}
 UNROLLED = {"VDM_THREEFRY_UNROLLED": "1"}
+KEEP_EXPANDER = {"XLA_FLAGS": "--xla_disable_hlo_passes=none"}
 SETTINGS = {
     "before_glibc": ({**ROLLED, "VDM_ALLOCATOR": "system"}, BEFORE),
     "before_tcmalloc": ({**ROLLED, "VDM_ALLOCATOR": "tcmalloc"}, BEFORE),
@@ -51,6 +52,14 @@ SETTINGS = {
     "after_mimalloc": ({**ROLLED, "VDM_ALLOCATOR": "mimalloc"}, {}),
     "after_mimalloc_threefry": ({**UNROLLED, "VDM_ALLOCATOR": "mimalloc"}, {}),
     "after_tcmalloc_threefry": ({**UNROLLED, "VDM_ALLOCATOR": "tcmalloc"}, {}),
+    # model.remat, and XLA:CPU's barrier expander left on (a user's own
+    # --xla_disable_hlo_passes replaces vdm/runtime.py's; no pass is named "none").
+    "remat": ({**UNROLLED, "VDM_ALLOCATOR": "mimalloc"}, {"model.remat": True}),
+    "keep_barrier_expander": ({**UNROLLED, **KEEP_EXPANDER, "VDM_ALLOCATOR": "mimalloc"}, {}),
+    "remat_keep_barrier_expander": (
+        {**UNROLLED, **KEEP_EXPANDER, "VDM_ALLOCATOR": "mimalloc"},
+        {"model.remat": True},
+    ),
     # Today's default less the fused swish(GroupNorm): that switch alone.
     "unfused_norm_swish": (
         {**UNROLLED, "VDM_ALLOCATOR": "mimalloc"},

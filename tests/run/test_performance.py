@@ -164,12 +164,12 @@ def test_skip_join_split_computes_the_concat_step_from_the_config():
         _loss_and_grad(th.load_config(**UNET, model__skip_join="glue"), params, batch, key)
 
 
-@pytest.mark.parametrize("net", [{}, {"model__type": "unet", "model__channel_mult": (1, 2)}])
-def test_fused_norm_swish_computes_the_same_step_from_the_config(net):
+def test_fused_norm_swish_computes_the_same_step_from_the_config():
     """model.fused_norm_swish (swish(GroupNorm) as one function in every ResNet block and at
     the output) is the two-step network to float rounding: same parameters, loss, dropout
-    draws and gradients, for both U-Nets."""
-    base = dict(UNET, model__dropout=0.1, **net)
+    draws and gradients. (Both U-Nets build their blocks and output from the same
+    layers.norm_then_swish; a second, multi-resolution network here took 24 s of the suite.)"""
+    base = dict(UNET, model__dropout=0.1)
     fused = th.load_config(**base, model__fused_norm_swish=True)
     plain = th.load_config(**base, model__fused_norm_swish=False)
     run = build_run(plain)
@@ -196,10 +196,10 @@ from vdm.run.setup import KeyStream, build_run
 out = {}
 for name, extra in {"unfused": dict(model__fused_norm_swish=False), "fused": {},
                     "fused_remat": dict(model__remat=True)}.items():
-    net = dict(th.UNET, model__n_layers=4, data__batch_size=32)
+    net = dict(th.UNET, model__n_layers=2, data__batch_size=16)
     run = build_run(th.load_config(**net, **extra))
     params = run.model.init_params(run.key(KeyStream.INIT))
-    batch = {"x": jnp.zeros((32, 8, 8, 1), jnp.uint8)}
+    batch = {"x": jnp.zeros((16, 8, 8, 1), jnp.uint8)}
     key = jax.random.key(0)
     loss = lambda p: jnp.mean(run.model.loss_terms(p, batch, key, train=True)["train"])
     compiled = jax.jit(jax.grad(loss)).lower(params).compile()
@@ -211,7 +211,7 @@ print("RESULTS " + json.dumps(out))
 @pytest.mark.slow
 def test_fused_norm_and_remat_shrink_the_compiled_step_with_the_products_flags():
     """What model.fused_norm_swish and model.remat are for, in XLA's own buffer assignment of a
-    4-block U-Net's gradient at the product's XLA flags (a subprocess): each removes stored
+    2-block U-Net's gradient at the product's XLA flags (a subprocess): each removes stored
     activations. Without the barrier flag (vdm/runtime.py item 5) XLA:CPU merged remat's
     recomputation back into the forward pass and the two programs needed the same memory."""
     env = th.env_for(1, product=True)
@@ -224,7 +224,7 @@ def test_fused_norm_and_remat_shrink_the_compiled_step_with_the_products_flags()
     assert proc.returncode == 0, proc.stderr[-8000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
     temp = json.loads(line[len("RESULTS ") :])
-    # Measured 29.7, 18.2 and 10.3 MB (2-vCPU EPYC, jaxlib 0.10.2).
+    # Measured 10.5, 6.8 and 4.6 MB (2-vCPU EPYC, jaxlib 0.10.2).
     assert temp["fused"] < 0.8 * temp["unfused"], temp
     assert temp["fused_remat"] < 0.8 * temp["fused"], temp
 

@@ -141,24 +141,32 @@ def test_fsdp_and_data_parallel_compute_the_same_step():
         assert r["param_diff"] <= 1e-5 * r["param_scale"], r
 
 
+def _assert_same_step(reference, other):
+    """Two configs of one network build the same parameters and take the same step: loss,
+    dropout draws and gradients equal to float rounding. Returns (params, batch, key)."""
+    run = build_run(reference)
+    params, batch = _trained_looking_params(run, 0.05), _digits_batch(run)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, build_run(other).model.init_params(run.key(KeyStream.INIT))
+    )
+    key = jax.random.key(3)
+    loss_r, grad_r = _loss_and_grad(reference, params, batch, key)
+    loss_o, grad_o = _loss_and_grad(other, params, batch, key)
+    np.testing.assert_allclose(float(loss_o), float(loss_r), rtol=1e-5)
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_r))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grad_o, grad_r
+    )
+    return params, batch, key
+
+
 def test_skip_join_split_computes_the_concat_step_from_the_config():
     """model.skip_join=split (up blocks take carry and skip as two parts) is the concatenating
     network to float rounding: same parameters, loss, dropout draws and gradients."""
     dropout = dict(UNET, model__dropout=0.1)
-    concat = th.load_config(**dropout, model__skip_join="concat")
-    split = th.load_config(**dropout, model__skip_join="split")
-    run = build_run(concat)
-    params, batch = _trained_looking_params(run, 0.05), _digits_batch(run)
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-        jnp.shape, build_run(split).model.init_params(run.key(KeyStream.INIT))
-    )
-    key = jax.random.key(3)
-    loss_c, grad_c = _loss_and_grad(concat, params, batch, key)
-    loss_s, grad_s = _loss_and_grad(split, params, batch, key)
-    np.testing.assert_allclose(float(loss_s), float(loss_c), rtol=1e-5)
-    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_c))
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grad_s, grad_c
+    params, batch, key = _assert_same_step(
+        th.load_config(**dropout, model__skip_join="concat"),
+        th.load_config(**dropout, model__skip_join="split"),
     )
     with pytest.raises(ValueError, match="Unknown skip join 'glue'"):
         _loss_and_grad(th.load_config(**UNET, model__skip_join="glue"), params, batch, key)
@@ -169,21 +177,10 @@ def test_fused_norm_swish_computes_the_same_step_from_the_config():
     the output) is the two-step network to float rounding: same parameters, loss, dropout
     draws and gradients. (Both U-Nets build their blocks and output from the same
     layers.norm_then_swish; a second, multi-resolution network here took 24 s of the suite.)"""
-    base = dict(UNET, model__dropout=0.1)
-    fused = th.load_config(**base, model__fused_norm_swish=True)
-    plain = th.load_config(**base, model__fused_norm_swish=False)
-    run = build_run(plain)
-    params, batch = _trained_looking_params(run, 0.05), _digits_batch(run)
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-        jnp.shape, build_run(fused).model.init_params(run.key(KeyStream.INIT))
-    )
-    key = jax.random.key(3)
-    loss_p, grad_p = _loss_and_grad(plain, params, batch, key)
-    loss_f, grad_f = _loss_and_grad(fused, params, batch, key)
-    np.testing.assert_allclose(float(loss_f), float(loss_p), rtol=1e-5)
-    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_p))
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale), grad_f, grad_p
+    dropout = dict(UNET, model__dropout=0.1)
+    _assert_same_step(
+        th.load_config(**dropout, model__fused_norm_swish=False),
+        th.load_config(**dropout, model__fused_norm_swish=True),
     )
 
 

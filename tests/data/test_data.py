@@ -70,6 +70,21 @@ def test_digits_batches_shape_dtype_range_and_split():
     assert not any(row.tobytes() in flat_train for row in test["x"].reshape(297, -1))
 
 
+def test_digits_are_scikit_learns_load_digits_read_without_importing_it(monkeypatch):
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - the reference, in this test only
+
+    bunch = load_digits()
+    train, test = memory.digits("train"), memory.digits("test")
+    order = np.random.default_rng(0).permutation(1797)
+    for split, rows in ((test, order[:297]), (train, order[297:])):
+        np.testing.assert_array_equal(split["x"][..., 0], bunch.images[rows].astype(np.uint8))
+        np.testing.assert_array_equal(split["label"], bunch.target[rows])
+    # Without scikit-learn: one message that says what to install.
+    monkeypatch.setattr(memory.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install scikit-learn"):
+        memory._digits_file()
+
+
 @pytest.mark.parametrize("name", ["digits", "mixture2d"])
 def test_order_is_a_function_of_seed_and_step(name):
     cfg = data_config(name=name, batch_size=64, num_train=500)

@@ -11,7 +11,8 @@
 
 - model.skip_join=split and model.fused_norm_swish compute the same loss and gradients as the
   networks without them; model.fused_norm_swish and model.remat each shrink XLA's temporaries
-  of the compiled step (at the product's XLA flags, which make remat effective on CPU).
+  of the compiled step (with vdm/runtime.py's barrier flag, which makes remat effective on
+  CPU). Both switches are compared against one computation of the default network's step.
 
 The patches conv gradient (tests/nets/test_nets.py) and steps_per_call > 1
 (tests/run/test_train.py) are tested where they live.
@@ -141,16 +142,28 @@ def test_fsdp_and_data_parallel_compute_the_same_step():
         assert r["param_diff"] <= 1e-5 * r["param_scale"], r
 
 
-def _assert_same_step(reference, other):
-    """Two configs of one network build the same parameters and take the same step: loss,
-    dropout draws and gradients equal to float rounding. Returns (params, batch, key)."""
-    run = build_run(reference)
-    params, batch = _trained_looking_params(run, 0.05), _digits_batch(run)
+# Both same-step tests compare a switch against the default network (skip_join=split,
+# fused_norm_swish=true): one xdist group computes that step once for both.
+DROPOUT = dict(UNET, model__dropout=0.1)
+_default_step = {}
+
+
+def _assert_same_step_as_default(other):
+    """A config that differs from the default U-Net in one switch builds the same parameters and
+    takes the same step: loss, dropout draws and gradients equal to float rounding. Returns
+    (params, batch, key)."""
+    if not _default_step:
+        reference = th.load_config(**DROPOUT)
+        run = build_run(reference)
+        params, batch = _trained_looking_params(run, 0.05), _digits_batch(run)
+        key = jax.random.key(3)
+        _default_step.update(params=params, batch=batch, key=key,
+                             step=_loss_and_grad(reference, params, batch, key))  # fmt: skip
+    params, batch, key = (_default_step[k] for k in ("params", "batch", "key"))
+    loss_r, grad_r = _default_step["step"]
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-        jnp.shape, build_run(other).model.init_params(run.key(KeyStream.INIT))
+        jnp.shape, build_run(other).model.init_params(jax.random.key(0))
     )
-    key = jax.random.key(3)
-    loss_r, grad_r = _loss_and_grad(reference, params, batch, key)
     loss_o, grad_o = _loss_and_grad(other, params, batch, key)
     np.testing.assert_allclose(float(loss_o), float(loss_r), rtol=1e-5)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_r))
@@ -160,70 +173,47 @@ def _assert_same_step(reference, other):
     return params, batch, key
 
 
+@pytest.mark.xdist_group("default_unet_step")
 def test_skip_join_split_computes_the_concat_step_from_the_config():
-    """model.skip_join=split (up blocks take carry and skip as two parts) is the concatenating
-    network to float rounding: same parameters, loss, dropout draws and gradients."""
-    dropout = dict(UNET, model__dropout=0.1)
-    params, batch, key = _assert_same_step(
-        th.load_config(**dropout, model__skip_join="concat"),
-        th.load_config(**dropout, model__skip_join="split"),
+    """model.skip_join=split (up blocks take carry and skip as two parts; the default) is the
+    concatenating network to float rounding: same parameters, loss, dropout draws and
+    gradients."""
+    params, batch, key = _assert_same_step_as_default(
+        th.load_config(**DROPOUT, model__skip_join="concat")
     )
     with pytest.raises(ValueError, match="Unknown skip join 'glue'"):
         _loss_and_grad(th.load_config(**UNET, model__skip_join="glue"), params, batch, key)
 
 
+@pytest.mark.xdist_group("default_unet_step")
 def test_fused_norm_swish_computes_the_same_step_from_the_config():
     """model.fused_norm_swish (swish(GroupNorm) as one function in every ResNet block and at
-    the output) is the two-step network to float rounding: same parameters, loss, dropout
-    draws and gradients. (Both U-Nets build their blocks and output from the same
+    the output; the default) is the two-step network to float rounding: same parameters, loss,
+    dropout draws and gradients. (Both U-Nets build their blocks and output from the same
     layers.norm_then_swish; a second, multi-resolution network here took 24 s of the suite.)"""
-    dropout = dict(UNET, model__dropout=0.1)
-    _assert_same_step(
-        th.load_config(**dropout, model__fused_norm_swish=False),
-        th.load_config(**dropout, model__fused_norm_swish=True),
-    )
+    _assert_same_step_as_default(th.load_config(**DROPOUT, model__fused_norm_swish=False))
 
 
-MEMORY_CHILD = r"""
-import json
-import jax, jax.numpy as jnp
-import train_helpers as th  # tests/ is on PYTHONPATH
-from vdm.run.setup import KeyStream, build_run
-
-out = {}
-for name, extra in {"unfused": dict(model__fused_norm_swish=False), "fused": {},
-                    "fused_remat": dict(model__remat=True)}.items():
-    net = dict(th.UNET, model__n_layers=2, data__batch_size=16)
-    run = build_run(th.load_config(**net, **extra))
-    params = run.model.init_params(run.key(KeyStream.INIT))
-    batch = {"x": jnp.zeros((16, 8, 8, 1), jnp.uint8)}
-    key = jax.random.key(0)
-    loss = lambda p: jnp.mean(run.model.loss_terms(p, batch, key, train=True)["train"])
-    compiled = jax.jit(jax.grad(loss)).lower(params).compile()
-    out[name] = compiled.memory_analysis().temp_size_in_bytes
-print("RESULTS " + json.dumps(out))
-"""
-
-
-@pytest.mark.slow
 def test_fused_norm_and_remat_shrink_the_compiled_step():
     """What model.fused_norm_swish and model.remat are for, in XLA's own buffer assignment of a
-    2-block U-Net's gradient, in a subprocess that imports vdm (so with vdm/runtime.py's
-    flags): each removes stored activations. Without the barrier flag (item 5) XLA:CPU merged
-    remat's recomputation back into the forward pass and both programs needed the same
-    memory. (The suite's subprocess flags change only LLVM's code generation, after buffer
-    assignment: the same bytes as the product's flags, 13 s instead of 17 s.)"""
-    env = th.env_for(1)
-    tests_dir = str(th.REPO / "tests")
-    env["PYTHONPATH"] = os.pathsep.join([tests_dir, str(th.REPO), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-c", MEMORY_CHILD], cwd=th.REPO, env=env, capture_output=True,
-        text=True, timeout=th.SUBPROCESS_TIMEOUT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-8000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")][-1]
-    temp = json.loads(line[len("RESULTS ") :])
-    # Measured 10.5, 6.8 and 4.6 MB (2-vCPU EPYC, jaxlib 0.10.2).
+    2-block U-Net's gradient: each removes stored activations. This process imported vdm
+    before JAX started, so it compiles with vdm/runtime.py's barrier flag (item 5): without it
+    XLA:CPU merged remat's recomputation back into the forward pass and both programs needed
+    the same memory. (In-process, at the tests' -O0: 9.4, 6.8 and 4.6 MB, 2-vCPU EPYC, jaxlib
+    0.10.2; a subprocess with the product's flags gave 10.5, 6.8 and 4.6 MB in 5 s more.)"""
+    from vdm import runtime
+
+    assert runtime.BARRIER_FLAG in os.environ["XLA_FLAGS"]
+    temp = {}
+    for name, extra in {"unfused": dict(model__fused_norm_swish=False), "fused": {},
+                        "fused_remat": dict(model__remat=True)}.items():  # fmt: skip
+        net = dict(UNET, model__n_layers=2, data__batch_size=16)
+        run = build_run(th.load_config(**net, **extra))
+        params = run.model.init_params(run.key(KeyStream.INIT))
+        batch, key = {"x": jnp.zeros((16, 8, 8, 1), jnp.uint8)}, jax.random.key(0)
+        loss = lambda p, run=run: jnp.mean(run.model.loss_terms(p, batch, key, train=True)["train"])
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        temp[name] = compiled.memory_analysis().temp_size_in_bytes
     assert temp["fused"] < 0.8 * temp["unfused"], temp
     assert temp["fused_remat"] < 0.8 * temp["fused"], temp
 

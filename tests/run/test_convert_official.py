@@ -252,7 +252,8 @@ def test_command_line_convert_then_eval(tmp_path, npz_data):
     out = subprocess.run(
         [sys.executable, "-m", "vdm.convert_official", str(source), f"--workdir={workdir}",
          f"--config={CIFAR10}", *data],
-        cwd=th.REPO, capture_output=True, text=True, timeout=th.SUBPROCESS_TIMEOUT,
+        cwd=th.REPO, env=th.env_for(), capture_output=True, text=True,
+        timeout=th.SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     command = out.stdout.split("Evaluate it with:\n")[1].strip().split()
@@ -261,7 +262,8 @@ def test_command_line_convert_then_eval(tmp_path, npz_data):
     assert "--config.model.n_embd=32" in command
     assert not [a for a in command if a.startswith("--config.model.base_measure")]
     assert "--config.eval.estimator=elbo,ode" in command
-    # The printed command, with a cheap ODE solve on 2 examples, evaluates the converted workdir.
+    # The printed command, with a cheap ODE solve on 2 examples, evaluates the converted workdir
+    # (compiled with the suite's fast flags, as every launch: the command is the same).
     cheap = [
         "--config.eval.max_examples=2",
         "--config.eval.ode.solver=euler",
@@ -269,7 +271,8 @@ def test_command_line_convert_then_eval(tmp_path, npz_data):
     ]
     out = subprocess.run(
         [sys.executable, *command[1:], *cheap, "--notensorboard"],
-        cwd=th.REPO, capture_output=True, text=True, timeout=th.SUBPROCESS_TIMEOUT,
+        cwd=th.REPO, env=th.env_for(), capture_output=True, text=True,
+        timeout=th.SUBPROCESS_TIMEOUT,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     for name in ("elbo-decoder", "ode-decoder"):

@@ -43,6 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BEFORE = {"model.skip_join": "concat", "model.fused_norm_swish": False}
 ROLLED = {"VDM_THREEFRY_UNROLLED": "0"}
 UNROLLED = {"VDM_THREEFRY_UNROLLED": "1"}
+DEFAULT_ENV = {**UNROLLED, "VDM_ALLOCATOR": "mimalloc"}  # today's default on a pip-only machine
 KEEP_EXPANDER = {"XLA_FLAGS": "--xla_disable_hlo_passes=none"}
 SETTINGS = {
     "before_glibc": ({**ROLLED, "VDM_ALLOCATOR": "system"}, BEFORE),
@@ -50,21 +51,15 @@ SETTINGS = {
     "after_glibc": ({**ROLLED, "VDM_ALLOCATOR": "system"}, {}),
     "after_tcmalloc": ({**ROLLED, "VDM_ALLOCATOR": "tcmalloc"}, {}),
     "after_mimalloc": ({**ROLLED, "VDM_ALLOCATOR": "mimalloc"}, {}),
-    "after_mimalloc_threefry": ({**UNROLLED, "VDM_ALLOCATOR": "mimalloc"}, {}),
+    "after_mimalloc_threefry": (DEFAULT_ENV, {}),
     "after_tcmalloc_threefry": ({**UNROLLED, "VDM_ALLOCATOR": "tcmalloc"}, {}),
     # model.remat, and XLA:CPU's barrier expander left on (a user's own
     # --xla_disable_hlo_passes replaces vdm/runtime.py's; no pass is named "none").
-    "remat": ({**UNROLLED, "VDM_ALLOCATOR": "mimalloc"}, {"model.remat": True}),
-    "keep_barrier_expander": ({**UNROLLED, **KEEP_EXPANDER, "VDM_ALLOCATOR": "mimalloc"}, {}),
-    "remat_keep_barrier_expander": (
-        {**UNROLLED, **KEEP_EXPANDER, "VDM_ALLOCATOR": "mimalloc"},
-        {"model.remat": True},
-    ),
+    "remat": (DEFAULT_ENV, {"model.remat": True}),
+    "keep_barrier_expander": ({**DEFAULT_ENV, **KEEP_EXPANDER}, {}),
+    "remat_keep_barrier_expander": ({**DEFAULT_ENV, **KEEP_EXPANDER}, {"model.remat": True}),
     # Today's default less the fused swish(GroupNorm): that switch alone.
-    "unfused_norm_swish": (
-        {**UNROLLED, "VDM_ALLOCATOR": "mimalloc"},
-        {"model.fused_norm_swish": False},
-    ),
+    "unfused_norm_swish": (DEFAULT_ENV, {"model.fused_norm_swish": False}),
 }
 
 flags.DEFINE_list("settings", list(SETTINGS), "Settings to run; the first is the reference.")

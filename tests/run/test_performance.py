@@ -18,6 +18,7 @@ The patches conv gradient (tests/nets/test_nets.py) and steps_per_call > 1
 (tests/run/test_train.py) are tested where they live.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -145,25 +146,24 @@ def test_fsdp_and_data_parallel_compute_the_same_step():
 # Both same-step tests compare a switch against the default network (skip_join=split,
 # fused_norm_swish=true): one xdist group computes that step once for both.
 DROPOUT = dict(UNET, model__dropout=0.1)
-_default_step = {}
+
+
+@functools.cache
+def _default_step():
+    """(params, batch, key, (loss, gradients)) of the default U-Net's step."""
+    reference = th.load_config(**DROPOUT)
+    run = build_run(reference)
+    params, batch, key = _trained_looking_params(run, 0.05), _digits_batch(run), jax.random.key(3)
+    return params, batch, key, _loss_and_grad(reference, params, batch, key)
 
 
 def _assert_same_step_as_default(other):
     """A config that differs from the default U-Net in one switch builds the same parameters and
     takes the same step: loss, dropout draws and gradients equal to float rounding. Returns
     (params, batch, key)."""
-    if not _default_step:
-        reference = th.load_config(**DROPOUT)
-        run = build_run(reference)
-        params, batch = _trained_looking_params(run, 0.05), _digits_batch(run)
-        key = jax.random.key(3)
-        _default_step.update(params=params, batch=batch, key=key,
-                             step=_loss_and_grad(reference, params, batch, key))  # fmt: skip
-    params, batch, key = (_default_step[k] for k in ("params", "batch", "key"))
-    loss_r, grad_r = _default_step["step"]
-    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
-        jnp.shape, build_run(other).model.init_params(jax.random.key(0))
-    )
+    params, batch, key, (loss_r, grad_r) = _default_step()
+    other_shapes = jax.eval_shape(build_run(other).model.init_params, jax.random.key(0))
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(lambda s: s.shape, other_shapes)
     loss_o, grad_o = _loss_and_grad(other, params, batch, key)
     np.testing.assert_allclose(float(loss_o), float(loss_r), rtol=1e-5)
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grad_r))
